@@ -1,0 +1,1 @@
+"""PyTorch adapter for psd_core (torch.optim.Optimizer subclasses). Filled by the psd_torch issue."""
