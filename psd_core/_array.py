@@ -1,0 +1,192 @@
+"""Array-API helpers over *trees*: a parameter vector stored as a list of arrays.
+
+Every function here takes arrays from any array-API library (NumPy, PyTorch, JAX,
+CuPy, array-api-strict), asks :func:`array_namespace` for ``xp`` and uses only
+standard functions. Nothing mutates its inputs, nothing reads an array value on the
+host, so everything traces under ``jax.jit`` / ``tf.function``.
+
+A *tree* is a non-empty ``list``/``tuple`` of arrays treated as one long vector;
+``||.||`` and ``<.,.>`` below are the global 2-norm and dot product over all leaves.
+Global reductions accumulate in float32 or better: float16/bfloat16 leaves are
+upcast before squaring, float64 leaves keep float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from array_api_compat import array_namespace, device
+
+Array = Any
+Tree = Sequence[Array]
+
+__all__ = [
+    "Array",
+    "Tree",
+    "accumulation_dtype",
+    "as_scalar",
+    "coefficient_for",
+    "tree_acc_dtype",
+    "namespace",
+    "tree_dot",
+    "tree_lincomb",
+    "tree_select",
+    "tree_size",
+    "tree_sq_norm",
+    "tree_zeros_like",
+]
+
+
+def namespace(*trees: Array) -> Any:
+    """The array namespace of the leaves of one or more trees (or bare arrays)."""
+    leaves: list[Array] = []
+    for t in trees:
+        if isinstance(t, list | tuple):
+            leaves.extend(t)
+        elif t is not None:
+            leaves.append(t)
+    return array_namespace(*leaves)
+
+
+def accumulation_dtype(xp: Any, dtype: Any) -> Any:
+    """dtype used for reductions over leaves of ``dtype``: float32 for <32-bit floats."""
+    if xp.isdtype(dtype, "real floating") and xp.finfo(dtype).bits < 32:
+        return xp.float32
+    return dtype
+
+
+def as_scalar(value: Any, like: Array, dtype: Any = None) -> Array:
+    """``value`` (Python number or 0-d array) as a 0-d array on ``like``'s device.
+
+    ``dtype`` defaults to ``like.dtype``. Arrays are cast with ``astype`` (no host
+    round-trip), Python numbers with ``asarray``.
+    """
+    xp = array_namespace(like)
+    dtype = like.dtype if dtype is None else dtype
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        try:
+            xp_v = array_namespace(value)
+        except TypeError:
+            xp_v = None
+        if xp_v is not None and xp_v is not xp:
+            # A scalar from a different library (e.g. a NumPy float from a schedule).
+            value = float(value)
+        else:
+            return xp.astype(value, dtype) if value.dtype != dtype else value
+    return xp.asarray(value, dtype=dtype, device=device(like))
+
+
+def coefficient_for(c: Any, leaf: Array) -> Array:
+    """``c`` cast to ``leaf``'s dtype and shaped to broadcast against it.
+
+    A 0-d coefficient broadcasts as is. A coefficient with a batch shape ``(n,)``
+    (one independent problem per row, see :mod:`psd_core.perturbation`) is reshaped to
+    ``(n, 1, ..., 1)`` so that it scales row ``i`` of a ``(n, ...)`` leaf.
+    """
+    c = as_scalar(c, leaf)
+    extra = leaf.ndim - c.ndim
+    if c.ndim > 0 and extra > 0:
+        xp = array_namespace(leaf)
+        c = xp.reshape(c, tuple(c.shape) + (1,) * extra)
+    return c
+
+
+def tree_acc_dtype(tree: Tree) -> Any:
+    """dtype of :func:`tree_sq_norm` of ``tree`` (static)."""
+    xp = namespace(tree)
+    dt = None
+    for leaf in tree:
+        a = accumulation_dtype(xp, leaf.dtype)
+        dt = a if dt is None else xp.result_type(dt, a)
+    if dt is None:
+        raise ValueError("the parameter list is empty")
+    return dt
+
+
+def tree_size(tree: Tree) -> int:
+    """Total number of scalars in the tree (static: shapes are known at trace time)."""
+    total = 0
+    for leaf in tree:
+        n = 1
+        for s in leaf.shape:
+            n *= int(s)
+        total += n
+    return total
+
+
+def _flat(xp: Any, x: Array, dtype: Any) -> Array:
+    x = xp.reshape(x, (-1,))
+    return xp.astype(x, dtype) if x.dtype != dtype else x
+
+
+def tree_sq_norm(tree: Tree) -> Array:
+    r"""Global squared norm :math:`\|x\|^2 = \sum_{\text{leaves}} \sum_i x_i^2` (0-d)."""
+    xp = namespace(tree)
+    total = None
+    for leaf in tree:
+        acc = accumulation_dtype(xp, leaf.dtype)
+        f = _flat(xp, leaf, acc)
+        s = xp.sum(f * f)
+        total = s if total is None else total + s
+    if total is None:
+        raise ValueError("tree_sq_norm: the tree has no leaves (empty parameter list)")
+    return total
+
+
+def tree_dot(a: Tree, b: Tree) -> Array:
+    r"""Global dot product :math:`\langle a, b\rangle` over matching leaves (0-d)."""
+    if len(a) != len(b):
+        raise ValueError(f"tree_dot: trees have {len(a)} and {len(b)} leaves")
+    xp = namespace(a, b)
+    total = None
+    for x, y in zip(a, b):
+        if tuple(x.shape) != tuple(y.shape):
+            raise ValueError(f"tree_dot: leaf shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+        acc = accumulation_dtype(xp, xp.result_type(x.dtype, y.dtype))
+        s = xp.sum(_flat(xp, x, acc) * _flat(xp, y, acc))
+        total = s if total is None else total + s
+    if total is None:
+        raise ValueError("tree_dot: the trees have no leaves (empty parameter list)")
+    return total
+
+
+def tree_lincomb(coeffs: Sequence[Any], trees: Sequence[Tree]) -> list[Array]:
+    r"""Leafwise linear combination :math:`\sum_k c_k\, t_k`.
+
+    ``coeffs`` are Python numbers or 0-d arrays; each is cast to the leaf dtype so
+    that a float64 coefficient never promotes float32 parameters.
+    """
+    if len(coeffs) != len(trees) or not trees:
+        raise ValueError("tree_lincomb: need one coefficient per tree and at least one tree")
+    n = len(trees[0])
+    for t in trees:
+        if len(t) != n:
+            raise ValueError(f"tree_lincomb: trees have different numbers of leaves ({len(t)} vs {n})")
+    out = []
+    for i in range(n):
+        acc = None
+        for c, t in zip(coeffs, trees):
+            leaf = t[i]
+            term = coefficient_for(c, leaf) * leaf
+            acc = term if acc is None else acc + term
+        out.append(acc)
+    return out
+
+
+def tree_select(condition: Array, on_true: Tree, on_false: Tree) -> list[Array]:
+    """Leafwise ``xp.where(condition, on_true, on_false)`` with a 0-d boolean condition."""
+    xp = namespace(on_true, on_false)
+    out = []
+    for a, b in zip(on_true, on_false):
+        c = condition
+        extra = a.ndim - c.ndim
+        if c.ndim > 0 and extra > 0:
+            c = xp.reshape(c, tuple(c.shape) + (1,) * extra)
+        out.append(xp.where(c, a, b))
+    return out
+
+
+def tree_zeros_like(tree: Tree) -> list[Array]:
+    xp = namespace(tree)
+    return [xp.zeros_like(x) for x in tree]
