@@ -1,1 +1,24 @@
-"""PyTorch adapter for psd_core (torch.optim.Optimizer subclasses). Filled by the psd_torch issue."""
+"""PyTorch adapter for :mod:`psd_core`: ``torch.optim.Optimizer`` subclasses.
+
+``PSD``, ``PerturbedAdam`` and ``SAM_SPS`` take their math from ``psd_core`` and
+apply it in place with ``torch._foreach_*`` ops.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    "SAM_SPS": ".sam_sps",
+    "PSD": ".psd",
+    "PerturbedAdam": ".perturbed_adam",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
