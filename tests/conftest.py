@@ -3,7 +3,7 @@
 * JAX runs with float64 enabled (``jax_enable_x64``) so that float64 conformance
   tests compare like with like; float32 tests ask for float32 explicitly.
 * Keras reads ``KERAS_BACKEND`` once, at import. The Keras tests under
-  ``tests/keras`` therefore run in child processes, one per backend, started by
+  ``tests/keras_adapter`` therefore run in child processes, one per backend, started by
   ``tests/test_keras_backends.py``; the parent run does not collect them.
 """
 
@@ -20,4 +20,4 @@ except ImportError:  # pragma: no cover
 
 collect_ignore_glob: list[str] = []
 if os.environ.get("PSD_KERAS_CHILD") != "1":
-    collect_ignore_glob.append("keras/*")
+    collect_ignore_glob.append("keras_adapter/*")
