@@ -162,7 +162,9 @@ def tree_lincomb(coeffs: Sequence[Any], trees: Sequence[Tree]) -> list[Array]:
     n = len(trees[0])
     for t in trees:
         if len(t) != n:
-            raise ValueError(f"tree_lincomb: trees have different numbers of leaves ({len(t)} vs {n})")
+            raise ValueError(
+                f"tree_lincomb: trees have different numbers of leaves ({len(t)} vs {n})"
+            )
     out = []
     for i in range(n):
         acc = None

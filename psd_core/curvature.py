@@ -79,7 +79,13 @@ def rayleigh_hvp(hvp: Callable[[Any, Any], Any], x: Any, v: Any) -> Array:
 
 
 def rayleigh_grad_diff(
-    grad: Callable[[Any], Any], x: Any, v: Any, h: float, *, central: bool = True, grad_x: Any = None
+    grad: Callable[[Any], Any],
+    x: Any,
+    v: Any,
+    h: float,
+    *,
+    central: bool = True,
+    grad_x: Any = None,
 ) -> Array:
     r"""Curvature along unit ``v`` from gradient differences.
 
@@ -99,7 +105,9 @@ def rayleigh_grad_diff(
     return (tree_dot(vt, gp) - tree_dot(vt, g0)) / h
 
 
-def rayleigh_values(f: Callable[[Any], Array], x: Any, v: Any, h: float, *, f_x: Array | None = None) -> Array:
+def rayleigh_values(
+    f: Callable[[Any], Array], x: Any, v: Any, h: float, *, f_x: Array | None = None
+) -> Array:
     r"""Curvature along unit ``v`` from function values only: :math:`(f(x+hv) - 2f(x) + f(x-hv))/h^2`."""
     h = check_positive("h", h)
     xt, was = _as_tree(x)
@@ -167,7 +175,9 @@ def random_probe_test(curvature_fn: Callable[[Any], Array], probes: Sequence[Any
         vt, _ = _as_tree(v)
         sel = idx == k
         direction = [xp.where(sel, a, d) for a, d in zip(vt, direction)]
-    return ProbeResult(min_curvature=best, index=idx, direction=_from_tree(direction, was), curvatures=q)
+    return ProbeResult(
+        min_curvature=best, index=idx, direction=_from_tree(direction, was), curvatures=q
+    )
 
 
 def negative_curvature_step(grad: Any, direction: Any, step: Any) -> Any:
@@ -268,8 +278,13 @@ def min_curvature(
     if n > 1:
         off = xp.stack(betas)
         # Build off-diagonals without item assignment: T += B + B^T with B[i, i+1] = beta_i.
-        upper = xp.concat([xp.zeros((n, 1), dtype=diag.dtype, device=_device(diag)), eye[:, :-1]], axis=1)
-        B = upper * xp.concat([off, xp.zeros((1,), dtype=diag.dtype, device=_device(diag))])[:, None]
+        upper = xp.concat(
+            [xp.zeros((n, 1), dtype=diag.dtype, device=_device(diag)), eye[:, :-1]], axis=1
+        )
+        B = (
+            upper
+            * xp.concat([off, xp.zeros((1,), dtype=diag.dtype, device=_device(diag))])[:, None]
+        )
         T = T + B + xp.matrix_transpose(B) if hasattr(xp, "matrix_transpose") else T + B + B.T
     evals, evecs = xp.linalg.eigh(T)
     y = evecs[:, 0]
@@ -277,7 +292,9 @@ def min_curvature(
     direction = tree_lincomb(coeffs, basis[:n])
     nrm = xp.sqrt(tree_sq_norm(direction))
     direction = tree_lincomb([1.0 / nrm], [direction])
-    return MinCurvature(value=evals[0], direction=_from_tree(direction, was), hvps=n, ritz_values=evals)
+    return MinCurvature(
+        value=evals[0], direction=_from_tree(direction, was), hvps=n, ritz_values=evals
+    )
 
 
 def _device(a: Array) -> Any:

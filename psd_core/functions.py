@@ -364,9 +364,7 @@ class RandomQuadratic(_Base):
     override it to study the dependence.
     """
 
-    def __init__(
-        self, dim: int, seed: int = 0, n_negative: int = 1, b_scale: float = 0.0
-    ) -> None:
+    def __init__(self, dim: int, seed: int = 0, n_negative: int = 1, b_scale: float = 0.0) -> None:
         super().__init__()
         self.dim = _check_dim(dim)
         n_negative = _check_dim(n_negative, 0, "n_negative")
@@ -376,9 +374,7 @@ class RandomQuadratic(_Base):
         self.seed = seed
         self.b_scale = float(b_scale)
         rng = np.random.default_rng(seed)
-        eig = np.concatenate(
-            [-np.ones(n_negative), rng.uniform(0.5, 2.0, self.dim - n_negative)]
-        )
+        eig = np.concatenate([-np.ones(n_negative), rng.uniform(0.5, 2.0, self.dim - n_negative)])
         q = _haar_orthogonal(rng, self.dim)
         a = (q * eig) @ q.T
         self.A = 0.5 * (a + a.T)
@@ -418,7 +414,8 @@ class RandomQuadratic(_Base):
 
 # max_a |3a - a^3| exp(-a^2/2), attained at a^2 = 3 - sqrt(6): sup of the third
 # directional derivative of exp(-|z|^2/2).
-_GAUSS_D3 = (lambda a: abs(3.0 * a - a**3) * math.exp(-0.5 * a * a))(math.sqrt(3.0 - math.sqrt(6.0)))
+_A3 = math.sqrt(3.0 - math.sqrt(6.0))
+_GAUSS_D3 = abs(3.0 * _A3 - _A3**3) * math.exp(-0.5 * _A3 * _A3)  # ~1.3801
 
 
 class GaussianWells(_Base):

@@ -193,7 +193,9 @@ class PSDState(NamedTuple):
     """Whether the last step perturbed (bool)."""
 
 
-def psd_init(like: Array, config: PSDConfig, *, acc_dtype: Any = None, batch_shape: tuple[int, ...] = ()) -> PSDState:
+def psd_init(
+    like: Array, config: PSDConfig, *, acc_dtype: Any = None, batch_shape: tuple[int, ...] = ()
+) -> PSDState:
     """Initial :class:`PSDState` on ``like``'s device.
 
     Args:
@@ -332,7 +334,9 @@ def psd_coefficients(
         episode_left=xp.where(
             perturb,
             xp.full_like(state.episode_left, config.episode_length),
-            xp.where(fin, xp.maximum(state.episode_left - one, xp.zeros_like(one)), state.episode_left),
+            xp.where(
+                fin, xp.maximum(state.episode_left - one, xp.zeros_like(one)), state.episode_left
+            ),
         ),
         episodes=xp.where(perturb, state.episodes + one, state.episodes),
         grad_sq_ema=gate.grad_sq_ema,
@@ -531,7 +535,9 @@ def perturbed_adam_init(params: Tree, config: PerturbedAdamConfig) -> PerturbedA
     )
 
 
-def adam_moments(grads: Tree, mu: Tree, nu: Tree, b1: float, b2: float) -> tuple[list[Array], list[Array]]:
+def adam_moments(
+    grads: Tree, mu: Tree, nu: Tree, b1: float, b2: float
+) -> tuple[list[Array], list[Array]]:
     r"""Adam moments :math:`m^+ = \beta_1 m + (1-\beta_1) g`, :math:`v^+ = \beta_2 v + (1-\beta_2) g^2`."""
     mu_new = [b1 * m + (1.0 - b1) * g for m, g in zip(mu, grads)]
     nu_new = [b2 * v + (1.0 - b2) * (g * g) for v, g in zip(nu, grads)]
@@ -610,7 +616,9 @@ def perturbed_adam_coefficients(
     step_coef = xp.where(finite & ~perturb, -as_scalar(lr, step_sq_norm), zero)
     if config.noise == "ball":
         if noise_sq_norm is None or uniform is None:
-            raise ValueError("perturbed_adam_coefficients: noise='ball' needs noise_sq_norm and uniform")
+            raise ValueError(
+                "perturbed_adam_coefficients: noise='ball' needs noise_sq_norm and uniform"
+            )
         scale = ball_scale(as_scalar(noise_sq_norm, step_sq_norm), uniform, config.radius, dim)
     else:
         scale = as_scalar(config.radius, step_sq_norm)
@@ -626,7 +634,9 @@ def perturbed_adam_coefficients(
         skipped=xp.where(finite, state.skipped, state.skipped + one),
         perturbed=perturb,
     )
-    return AdamCoefficients(step=step_coef, noise=noise_coef, finite=finite, perturb=perturb), new_state
+    return AdamCoefficients(
+        step=step_coef, noise=noise_coef, finite=finite, perturb=perturb
+    ), new_state
 
 
 def perturbed_adam(

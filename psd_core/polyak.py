@@ -33,7 +33,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from ._array import Array, Tree, as_scalar, namespace, tree_dot, tree_lincomb, tree_select, tree_sq_norm
+from ._array import (
+    Array,
+    Tree,
+    as_scalar,
+    namespace,
+    tree_dot,
+    tree_lincomb,
+    tree_select,
+    tree_sq_norm,
+)
 from .transform import Transformation
 from .validation import (
     check_choice,
@@ -174,10 +183,16 @@ def sam_sps_coefficients(
     """
     xp = namespace(grad_e_sq_norm)
     loss_e = as_scalar(loss_e, grad_e_sq_norm)
-    finite = xp.isfinite(loss_e) & xp.isfinite(grad_e_sq_norm) & xp.isfinite(as_scalar(inner, grad_e_sq_norm))
+    finite = (
+        xp.isfinite(loss_e)
+        & xp.isfinite(grad_e_sq_norm)
+        & xp.isfinite(as_scalar(inner, grad_e_sq_norm))
+    )
     if extra_finite is not None:
         finite = finite & extra_finite
-    gamma = polyak_step_size(loss_e, config.f_star, inner, grad_e_sq_norm, config.gamma_b, config.variant)
+    gamma = polyak_step_size(
+        loss_e, config.f_star, inner, grad_e_sq_norm, config.gamma_b, config.variant
+    )
     gamma = xp.where(finite, gamma, xp.zeros_like(gamma))
     return SAMSPSCoefficients(
         step_size=gamma, grad=-gamma, params=-gamma * config.weight_decay, finite=finite
@@ -244,7 +259,9 @@ def sam_sps(
         g2 = tree_sq_norm(grads)
         scale = sam_perturbation_scale(g2, cfg.rho, cfg.lambd)
         offset = tree_lincomb([scale], [grads])
-        e = [p + (o if o.dtype == p.dtype else xp.astype(o, p.dtype)) for p, o in zip(params, offset)]
+        e = [
+            p + (o if o.dtype == p.dtype else xp.astype(o, p.dtype)) for p, o in zip(params, offset)
+        ]
         loss_e, grads_e = value_and_grad_fn(e)
         check_same_shapes("grads at the perturbed point", list(grads_e), "params", params)
         first_ok = xp.isfinite(g2)

@@ -33,7 +33,9 @@ def check_finite_number(name: str, value: Any) -> float:
             if not isinstance(value, numbers.Real):
                 raise TypeError
         except TypeError:
-            raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})") from None
+            raise TypeError(
+                f"{name} must be a real number, got {value!r} ({type(value).__name__})"
+            ) from None
     v = float(value)
     if not math.isfinite(v):
         raise ValueError(f"Invalid {name}: {value!r} (must be finite)")
@@ -88,7 +90,9 @@ def check_int(name: str, value: Any, minimum: int = 0) -> int:
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(map(repr, choices))})")
+        raise ValueError(
+            f"Invalid {name}: {value!r} (must be one of {', '.join(map(repr, choices))})"
+        )
     return str(value)
 
 

@@ -1,0 +1,750 @@
+r"""Whole-loop reference solvers built from the core's pure functions.
+
+Every solver has the shape ``solver(problem, x0, *, <hyperparameters>, seed=0,
+max_grad_evals=...)`` and returns a :class:`SolverResult`. A *problem* is any
+object with ``value(x)``, ``grad(x)`` and, where needed, ``hvp(x, v)`` /
+``hess(x)`` (see :mod:`psd_core.functions`). ``x0`` is a 1-D array of any
+array-API library; the solver computes in that library.
+
+Solvers are *drivers*: unlike the pure updates they are Python loops that read a
+few scalars on the host (to count gradient evaluations and to stop). Every
+formula they use comes from the core (:mod:`~psd_core.perturbation`,
+:mod:`~psd_core.curvature`, :mod:`~psd_core.polyak`, :mod:`~psd_core.baselines`).
+Random draws come from :class:`psd_core.HostDraws` (NumPy on the host, converted),
+so with the same seed a NumPy, PyTorch or JAX ``x0`` gives the same run.
+
+Counting: ``grad_evals`` counts gradient evaluations (stochastic solvers count
+``B`` per mini-batch of size ``B``); a finite-difference Hessian-vector product
+costs 2, and is counted there; exact Hessians and exact HVPs (``curvature="exact"``
+in :func:`psd`) are counted in ``hvps`` only, as in the paper's reference code.
+
+SOSP oracle: pass ``sosp=(epsilon, gamma)`` to stop any solver at the first
+iterate with :math:`\|\nabla f\| \le \epsilon` and :math:`\lambda_{\min}(\nabla^2 f) \ge -\gamma`
+(checked with a dense ``eigvalsh``, whose cost is not counted). This gives every
+method the same stopping rule in the escape table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from . import baselines as B
+from ._array import Array, namespace, tree_size, tree_sq_norm
+from .curvature import (
+    hvp_from_grad,
+    is_strict_saddle,
+    min_curvature,
+    negative_curvature_step,
+    random_probe_test,
+    rayleigh_grad_diff,
+)
+from .perturbation import (
+    adam_bias_corrections,
+    adam_direction,
+    adam_moments,
+    psd_coefficients,
+    psd_config,
+    psd_gate,
+    psd_init,
+    psd_updates,
+)
+from .polyak import sam_perturbation_scale, sam_sps as sam_sps_transform
+from .random import HostDraws
+from .theory import probe_constants, psd_constants, psgd_batch_size, psgd_gate_threshold
+from .validation import check_choice, check_int, check_nonnegative, check_positive
+
+__all__ = [
+    "SolverResult",
+    "adam",
+    "andriushchenko_flammarion_schedule",
+    "bfgs",
+    "condition_scaled_gd",
+    "gd",
+    "langevin",
+    "momentum",
+    "newton",
+    "pgd",
+    "psd",
+    "psd_probe",
+    "psgd",
+    "sam",
+    "sam_sps",
+]
+
+
+class SolverResult(NamedTuple):
+    x: Array
+    """Final iterate (same library and dtype as ``x0``)."""
+    grad_evals: int
+    episodes: int
+    """Perturbations / escape episodes / negative-curvature steps taken."""
+    converged: bool
+    """The solver's own stopping rule (or the SOSP oracle) was met."""
+    history: dict[str, list[float]]
+    """Per-iteration records: ``grad_evals``, ``value``, ``grad_norm`` (+ solver-specific)."""
+    hvps: int = 0
+    """Exact Hessian-vector products / dense Hessians used (not in ``grad_evals``)."""
+
+
+class _Run:
+    """Bookkeeping shared by the solvers: gradient counter, history, SOSP oracle."""
+
+    def __init__(
+        self,
+        problem: Any,
+        x0: Array,
+        max_grad_evals: int,
+        sosp: tuple[float, float] | None,
+        record_every: int,
+    ) -> None:
+        if x0 is None or getattr(x0, "ndim", None) != 1:
+            raise ValueError(
+                f"x0 must be a 1-D array, got {type(x0).__name__} with ndim={getattr(x0, 'ndim', None)}"
+            )
+        dim = getattr(problem, "dim", None)
+        if dim is not None and int(x0.shape[0]) != int(dim):
+            raise ValueError(
+                f"x0 has shape {tuple(x0.shape)} but problem.dim is {dim} (mismatched shapes)"
+            )
+        self.problem = problem
+        self.max = check_int("max_grad_evals", max_grad_evals, minimum=1)
+        self.evals = 0
+        self.hvps = 0
+        self.sosp = sosp
+        self.every = check_int("record_every", record_every, minimum=1)
+        self.history: dict[str, list[float]] = {"grad_evals": [], "value": [], "grad_norm": []}
+        self.iteration = 0
+        self.xp = namespace(x0)
+
+    def grad(self, x: Array, cost: int = 1) -> Array:
+        self.evals += cost
+        return self.problem.grad(x)
+
+    def budget_left(self) -> bool:
+        return self.evals < self.max
+
+    def record(self, x: Array, g2: Array, **extra: float) -> None:
+        if self.iteration % self.every == 0:
+            self.history["grad_evals"].append(float(self.evals))
+            self.history["value"].append(float(self.problem.value(x)))
+            self.history["grad_norm"].append(math.sqrt(max(float(g2), 0.0)))
+            for k, v in extra.items():
+                self.history.setdefault(k, []).append(float(v))
+        self.iteration += 1
+
+    def lambda_min(self, x: Array) -> float:
+        self.hvps += 1
+        return float(self.xp.linalg.eigvalsh(self.problem.hess(x))[0])
+
+    def at_sosp(self, x: Array, g2: Array) -> bool:
+        """The oracle: evaluated only when ``sosp`` is given and the gradient is small."""
+        if self.sosp is None:
+            return False
+        eps, gamma = self.sosp
+        if math.sqrt(max(float(g2), 0.0)) > eps:
+            return False
+        lam = float(self.xp.linalg.eigvalsh(self.problem.hess(x))[0])
+        return lam >= -gamma
+
+    def result(self, x: Array, episodes: int, converged: bool) -> SolverResult:
+        return SolverResult(
+            x=x,
+            grad_evals=self.evals,
+            episodes=episodes,
+            converged=converged,
+            history=self.history,
+            hvps=self.hvps,
+        )
+
+
+def _sq(g: Array) -> Array:
+    return tree_sq_norm([g])
+
+
+# --------------------------------------------------------------------------------------
+# First-order baselines
+# --------------------------------------------------------------------------------------
+
+
+def gd(
+    problem: Any,
+    x0: Array,
+    *,
+    lr: float,
+    seed: int = 0,
+    max_grad_evals: int = 50_000,
+    sosp: tuple[float, float] | None = None,
+    record_every: int = 1,
+) -> SolverResult:
+    r"""Gradient descent :math:`x^+ = x - \eta\nabla f(x)` (:func:`psd_core.baselines.gd_step`)."""
+    lr = check_nonnegative("lr", lr)
+    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
+    x = x0
+    while run.budget_left():
+        g = run.grad(x)
+        g2 = _sq(g)
+        run.record(x, g2)
+        if run.at_sosp(x, g2):
+            return run.result(x, 0, True)
+        x = B.gd_step(x, g, lr)
+    return run.result(x, 0, False)
+
+
+def momentum(
+    problem: Any,
+    x0: Array,
+    *,
+    lr: float,
+    beta: float = 0.9,
+    seed: int = 0,
+    max_grad_evals: int = 50_000,
+    sosp: tuple[float, float] | None = None,
+    record_every: int = 1,
+) -> SolverResult:
+    r"""Heavy-ball momentum (:func:`psd_core.baselines.momentum_step`)."""
+    lr = check_nonnegative("lr", lr)
+    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
+    x, v = x0, run.xp.zeros_like(x0)
+    while run.budget_left():
+        g = run.grad(x)
+        g2 = _sq(g)
+        run.record(x, g2)
+        if run.at_sosp(x, g2):
+            return run.result(x, 0, True)
+        x, v = B.momentum_step(x, v, g, lr, beta)
+    return run.result(x, 0, False)
+
+
+def langevin(
+    problem: Any,
+    x0: Array,
+    *,
+    lr: float,
+    sigma: float,
+    seed: int = 0,
+    max_grad_evals: int = 50_000,
+    sosp: tuple[float, float] | None = None,
+    record_every: int = 1,
+) -> SolverResult:
+    r"""Langevin-noise GD :math:`x - \eta(\nabla f + \sigma\xi)` (:func:`psd_core.baselines.langevin_step`)."""
+    lr = check_nonnegative("lr", lr)
+    sigma = check_nonnegative("sigma", sigma)
+    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
+    draws = HostDraws(seed)
+    x = x0
+    while run.budget_left():
+        g = run.grad(x)
+        g2 = _sq(g)
+        run.record(x, g2)
+        if run.at_sosp(x, g2):
+            return run.result(x, 0, True)
+        x = B.langevin_step(x, g, draws.normals_like([x])[0], lr, sigma)
+    return run.result(x, 0, False)
+
+
+def adam(
+    problem: Any,
+    x0: Array,
+    *,
+    lr: float = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    seed: int = 0,
+    max_grad_evals: int = 50_000,
+    sosp: tuple[float, float] | None = None,
+    record_every: int = 1,
+) -> SolverResult:
+    """Adam with bias correction (the core's :func:`~psd_core.perturbation.adam_moments` and
+    :func:`~psd_core.perturbation.adam_direction`)."""
+    lr = check_nonnegative("lr", lr)
+    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
+    xp = run.xp
+    x = x0
+    mu, nu = [xp.zeros_like(x0)], [xp.zeros_like(x0)]
+    t = 0
+    while run.budget_left():
+        g = run.grad(x)
+        g2 = _sq(g)
+        run.record(x, g2)
+        if run.at_sosp(x, g2):
+            return run.result(x, 0, True)
+        t += 1
+        mu, nu = adam_moments([g], mu, nu, b1, b2)
+        bc1, bc2 = adam_bias_corrections(xp.asarray(t), b1, b2, g2)
+        d = adam_direction(mu, nu, bc1, bc2, eps)[0]
+        x = B.gd_step(x, d, lr)
+    return run.result(x, 0, False)
+
+
+def newton(
+    problem: Any,
+    x0: Array,
+    *,
+    lr: float = 1.0,
+    damping: float = 0.0,
+    seed: int = 0,
+    max_grad_evals: int = 50_000,
+    sosp: tuple[float, float] | None = None,
+    record_every: int = 1,
+) -> SolverResult:
+    """Damped Newton (:func:`psd_core.baselines.newton_step`); each step also uses one dense Hessian."""
+    lr = check_nonnegative("lr", lr)
+    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
+    x = x0
+    while run.budget_left():
+        g = run.grad(x)
+        g2 = _sq(g)
+        run.record(x, g2)
+        if run.at_sosp(x, g2):
+            return run.result(x, 0, True)
+        run.hvps += 1
+        x = B.newton_step(x, g, problem.hess(x), lr, damping)
+    return run.result(x, 0, False)
+
+
+def condition_scaled_gd(
+    problem: Any,
+    x0: Array,
+    *,
+    lr: float = 1.0,
+    seed: int = 0,
+    max_grad_evals: int = 50_000,
+    sosp: tuple[float, float] | None = None,
+    record_every: int = 1,
+) -> SolverResult:
+    """GD with the step scaled by the local curvature (:func:`psd_core.baselines.condition_scaled_step`)."""
+    lr = check_nonnegative("lr", lr)
+    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
+    x = x0
+    while run.budget_left():
+        g = run.grad(x)
+        g2 = _sq(g)
+        run.record(x, g2)
+        if run.at_sosp(x, g2):
+            return run.result(x, 0, True)
+        run.hvps += 1
+        x = B.condition_scaled_step(x, g, problem.hess(x), lr)
+    return run.result(x, 0, False)
+
+
+def bfgs(
+    problem: Any,
+    x0: Array,
+    *,
+    lr: float = 1.0,
+    seed: int = 0,
+    max_grad_evals: int = 50_000,
+    sosp: tuple[float, float] | None = None,
+    record_every: int = 1,
+) -> SolverResult:
+    """BFGS with a fixed step along the quasi-Newton direction (:mod:`psd_core.baselines`)."""
+    lr = check_nonnegative("lr", lr)
+    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
+    xp = run.xp
+    d = int(x0.shape[0])
+    Hinv = xp.eye(d, dtype=x0.dtype, device=_dev(x0))
+    x = x0
+    g = run.grad(x)
+    while True:
+        g2 = _sq(g)
+        run.record(x, g2)
+        if run.at_sosp(x, g2):
+            return run.result(x, 0, True)
+        if not run.budget_left():
+            return run.result(x, 0, False)
+        x_new = x + lr * B.bfgs_direction(Hinv, g)
+        g_new = run.grad(x_new)
+        Hinv = B.bfgs_inverse_update(Hinv, x_new - x, g_new - g)
+        x, g = x_new, g_new
+
+
+# --------------------------------------------------------------------------------------
+# The PSD family
+# --------------------------------------------------------------------------------------
+
+
+def _psd_loop(
+    run: _Run,
+    x: Array,
+    cfg: Any,
+    draws: HostDraws,
+    curvature_test: Callable[[Array, Array], bool | None] | None,
+    grad_fn: Callable[[Array], Array],
+) -> SolverResult:
+    """Drive the core PSD state machine. ``curvature_test(x, g)`` returns True (saddle:
+    perturb), False (second-order stationary: stop) or None (no test)."""
+    xp = run.xp
+    state = psd_init(x, cfg)
+    dim = tree_size([x])
+    one = xp.ones((), dtype=state.grad_sq_ema.dtype, device=_dev(x))
+    while run.budget_left():
+        g = grad_fn(x)
+        g2 = _sq(g)
+        run.record(x, g2, episodes=float(state.episodes))
+        if run.at_sosp(x, g2):
+            return run.result(x, int(state.episodes), True)
+        gate = psd_gate(g2, state, cfg)
+        saddle = None
+        z = None
+        zsq, u = one, one
+        if bool(gate.open):
+            if curvature_test is not None:
+                verdict = curvature_test(x, g)
+                if verdict is False:
+                    return run.result(x, int(state.episodes), True)
+                saddle = xp.asarray(True)
+            z = draws.normals_like([x])
+            u = draws.uniform_like(x)
+            zsq = tree_sq_norm(z)
+        coeffs, state = psd_coefficients(
+            g2, state, cfg, dim=dim, noise_sq_norm=zsq, uniform=u, saddle=saddle
+        )
+        x = x + psd_updates(coeffs, [g], z)[0]
+    return run.result(x, int(state.episodes), False)
+
+
+def pgd(
+    problem: Any,
+    x0: Array,
+    *,
+    lr: float,
+    g_thres: float,
+    t_thres: int,
+    radius: float,
+    seed: int = 0,
+    max_grad_evals: int = 50_000,
+    sosp: tuple[float, float] | None = None,
+    record_every: int = 1,
+) -> SolverResult:
+    r"""Perturbed gradient descent (Jin et al., 2017): when :math:`\|g\| \le g_{thres}` and more
+    than ``t_thres`` steps passed since the last perturbation, add :math:`\xi\sim U(B(0,r))`.
+
+    Built on the core PSD state machine with ``episode_length=0``.
+    """
+    cfg = psd_config(lr, g_thres, radius, 0, t_thres=t_thres)
+    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
+    return _psd_loop(run, x0, cfg, HostDraws(seed), None, run.grad)
+
+
+def psd(
+    problem: Any,
+    x0: Array,
+    *,
+    epsilon: float,
+    ell: float,
+    rho: float,
+    delta: float = 0.1,
+    delta_f: float = 1.0,
+    curvature: str = "exact",
+    lanczos_iters: int | None = None,
+    step_size_rule: str = "half",
+    seed: int = 0,
+    max_grad_evals: int = 50_000,
+    sosp: tuple[float, float] | None = None,
+    record_every: int = 1,
+) -> SolverResult:
+    r"""PSD (Algorithm 1 of the paper) with the explicit constants of :func:`psd_core.psd_constants`.
+
+    Descent while :math:`\|g\| > \epsilon`; at a small gradient, the curvature test
+    :math:`\lambda_{\min} \ge -\gamma` either returns :math:`x` or triggers a uniform-ball
+    perturbation followed by :math:`T` gradient steps (at most :math:`M` episodes).
+
+    Args:
+        curvature: ``"exact"`` (dense Hessian ``eigvalsh``, counted in ``hvps``; small d),
+            ``"lanczos"`` (:func:`~psd_core.curvature.min_curvature` on ``problem.hvp``,
+            exact HVPs counted in ``hvps``) or ``"lanczos-fd"`` (Lanczos on gradient
+            differences with :math:`h = 10^{-4}`... each HVP counted as 2 gradient evaluations).
+        lanczos_iters: Lanczos steps (default ``min(d, 30)``).
+    """
+    check_choice("curvature", curvature, ("exact", "lanczos", "lanczos-fd"))
+    dim = int(x0.shape[0])
+    c = psd_constants(epsilon, ell, rho, delta, delta_f, dim=dim, step_size_rule=step_size_rule)
+    cfg = psd_config(c.step_size, epsilon, c.radius, c.episode_length, max_episodes=c.max_episodes)
+    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
+    iters = (
+        min(dim, 30)
+        if lanczos_iters is None
+        else check_int("lanczos_iters", lanczos_iters, minimum=1)
+    )
+    seeds = HostDraws(None if seed is None else seed + 7919)
+
+    def test(x: Array, g: Array) -> bool:
+        if curvature == "exact":
+            lam = run.lambda_min(x)
+            return lam < -c.gamma
+        if curvature == "lanczos":
+            res = min_curvature(problem.hvp, x, iters=iters, seed=int(seeds.rng.integers(2**31)))
+            run.hvps += res.hvps
+        else:
+            hvp = hvp_from_grad(lambda y: run.grad(y, cost=1), 1e-4)
+            res = min_curvature(hvp, x, iters=iters, seed=int(seeds.rng.integers(2**31)))
+        return bool(is_strict_saddle(res.value, c.gamma))
+
+    return _psd_loop(run, x0, cfg, HostDraws(seed), test, run.grad)
+
+
+def psd_probe(
+    problem: Any,
+    x0: Array,
+    *,
+    epsilon: float,
+    ell: float,
+    rho: float,
+    delta: float = 0.1,
+    delta_f: float = 1.0,
+    probe: str = "random",
+    central: bool = True,
+    lanczos_iters: int | None = None,
+    seed: int = 0,
+    max_grad_evals: int = 50_000,
+    sosp: tuple[float, float] | None = None,
+    record_every: int = 1,
+) -> SolverResult:
+    r"""PSD-Probe: at a small gradient, look for negative curvature and step along it.
+
+    ``probe="random"`` is the paper's test, computed for real: :math:`m` random unit
+    probes, :math:`q(v)` by gradient differences with :math:`h = \sqrt{\epsilon/\rho}`
+    (central: 2 gradients per probe; forward: 1). ``probe="hvp"`` finds the
+    minimum-curvature direction with Lanczos on gradient-difference HVPs
+    (``lanczos_iters`` HVPs of 2 gradients each). If the curvature found is
+    :math:`\le -\gamma`, step :math:`x \leftarrow x + \alpha s v` with :math:`\alpha = r`
+    and :math:`\langle g, s v\rangle \le 0`; otherwise return :math:`x`.
+    """
+    check_choice("probe", probe, ("random", "hvp"))
+    dim = int(x0.shape[0])
+    c = psd_constants(epsilon, ell, rho, delta, delta_f, dim=dim)
+    pc = probe_constants(epsilon, rho, delta, dim=dim)
+    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
+    draws = HostDraws(seed)
+    iters = (
+        min(dim, 30)
+        if lanczos_iters is None
+        else check_int("lanczos_iters", lanczos_iters, minimum=1)
+    )
+    cfg = psd_config(c.step_size, epsilon, 0.0, 0)
+    state = psd_init(x0, cfg)
+    x = x0
+    steps = 0
+    while run.budget_left():
+        g = run.grad(x)
+        g2 = _sq(g)
+        run.record(x, g2, episodes=float(steps))
+        if run.at_sosp(x, g2):
+            return run.result(x, steps, True)
+        gate = psd_gate(g2, state, cfg)
+        if bool(gate.open):
+            if probe == "random":
+                probes = [draws.unit_vector_like([x])[0] for _ in range(pc.num_probes)]
+
+                def q(v: Array, x: Array = x, g: Array = g) -> Array:
+                    return rayleigh_grad_diff(
+                        lambda y: run.grad(y), x, v, pc.fd_step, central=central, grad_x=g
+                    )
+
+                found = random_probe_test(q, probes)
+                lam, v = found.min_curvature, found.direction
+            else:
+                hvp = hvp_from_grad(lambda y: run.grad(y), pc.fd_step)
+                res = min_curvature(hvp, x, iters=iters, seed=int(draws.rng.integers(2**31)))
+                lam, v = res.value, res.direction
+            if not bool(lam <= -pc.gamma):
+                return run.result(x, steps, True)
+            x = x + negative_curvature_step(g, v, pc.step)
+            steps += 1
+            continue
+        coeffs, state = psd_coefficients(g2, state, cfg, dim=dim, noise_sq_norm=g2, uniform=g2)
+        x = x + psd_updates(coeffs, [g], None)[0]
+    return run.result(x, steps, False)
+
+
+def psgd(
+    problem: Any,
+    x0: Array,
+    *,
+    epsilon: float,
+    ell: float,
+    rho: float,
+    sigma: float,
+    delta_fp: float = 0.1,
+    delta: float = 0.1,
+    delta_f: float = 1.0,
+    gate: str = "threshold",
+    ema_beta: float = 0.1,
+    seed: int = 0,
+    max_grad_evals: int = 200_000,
+    sosp: tuple[float, float] | None = None,
+    record_every: int = 1,
+) -> SolverResult:
+    r"""Perturbed stochastic gradient descent.
+
+    Stochastic gradients are simulated as :math:`\nabla f(x) + \zeta`,
+    :math:`\zeta\sim N(0, \sigma^2/B\, I)` with the batch size
+    :math:`B = \max(1, \lceil (2\sigma^2/\epsilon^2)\log(2/\delta_{fp})\rceil)`, each
+    costing ``B`` gradient evaluations. The gate is :math:`\|g\| \le
+    \epsilon\sqrt{1 + 2\sigma^2/(B\epsilon^2)}` (``gate="threshold"``) or the EMA gate
+    :math:`\sqrt{v_t} \le` the same threshold (``gate="ema"``); then perturb and run
+    :math:`T` noisy steps; at most :math:`M` episodes.
+    """
+    check_choice("gate", gate, ("threshold", "ema"))
+    sigma = check_nonnegative("sigma", sigma)
+    dim = int(x0.shape[0])
+    c = psd_constants(epsilon, ell, rho, delta, delta_f, dim=dim)
+    bsz = psgd_batch_size(sigma**2, epsilon, delta_fp)
+    thr = psgd_gate_threshold(epsilon, sigma**2, bsz)
+    cfg = psd_config(
+        c.step_size,
+        thr,
+        c.radius,
+        c.episode_length,
+        max_episodes=c.max_episodes,
+        gate="grad_norm" if gate == "threshold" else "ema",
+        ema_beta=ema_beta,
+    )
+    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
+    draws = HostDraws(seed)
+    noise_draws = HostDraws(None if seed is None else seed + 104729)
+    scale = sigma / math.sqrt(bsz)
+
+    def stochastic_grad(x: Array) -> Array:
+        g = run.grad(x, cost=bsz)
+        return g + scale * noise_draws.normals_like([x])[0]
+
+    return _psd_loop(run, x0, cfg, draws, None, stochastic_grad)
+
+
+# --------------------------------------------------------------------------------------
+# SAM family
+# --------------------------------------------------------------------------------------
+
+
+def _batch_oracles(problem: Any, batch_size: int | None, rng: Any, xp: Any, x0: Array):
+    """Value/gradient callables for the full batch or a fresh mini-batch per step."""
+    if batch_size is None:
+        return lambda: (problem.value, problem.grad), 1
+    n = int(problem.n)
+    bsz = check_int("batch_size", batch_size, minimum=1)
+
+    def pick():
+        idx = rng.choice(n, size=bsz, replace=False)
+        return (lambda x: problem.value_batch(x, idx)), (lambda x: problem.grad_batch(x, idx))
+
+    return pick, bsz / n
+
+
+def sam_sps(
+    problem: Any,
+    x0: Array,
+    *,
+    rho: float = 0.1,
+    lambd: float = 1.0,
+    f_star: float = 0.0,
+    gamma_b: float = 1.0,
+    weight_decay: float = 0.0,
+    variant: str = "sps+",
+    steps: int = 1000,
+    batch_size: int | None = None,
+    seed: int = 0,
+    record_every: int = 1,
+) -> SolverResult:
+    """SAM-SPS / USAM-SPS (:func:`psd_core.sam_sps`) for ``steps`` iterations.
+
+    Full batch when ``batch_size`` is None, else a fresh mini-batch (without
+    replacement within the batch) per step via ``problem.value_batch``/``grad_batch``.
+    ``history['step_size']`` records the Polyak step. Each step costs two gradient
+    evaluations (counted as ``2 * batch_size / n`` full-gradient equivalents... as 2 per
+    step in ``grad_evals``).
+    """
+    steps = check_int("steps", steps, minimum=0)
+    tx = sam_sps_transform(rho, lambd, f_star, gamma_b, weight_decay, variant=variant)
+    run = _Run(problem, x0, max(2 * steps, 1), None, record_every)
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pick, _ = _batch_oracles(problem, batch_size, rng, run.xp, x0)
+    x = x0
+    state = tx.init([x])
+    for _ in range(steps):
+        value_fn, grad_fn = pick()
+        g = grad_fn(x)
+        run.evals += 1
+        loss = value_fn(x)
+
+        def vg(e: list[Array]) -> tuple[Array, list[Array]]:
+            run.evals += 1
+            return value_fn(e[0]), [grad_fn(e[0])]
+
+        run.record(x, _sq(g), step_size=float(state.step_size))
+        upd, state = tx.update([g], state, [x], value_and_grad_fn=vg, value=loss)
+        x = x + upd[0]
+    run.record(x, _sq(problem.grad(x)), step_size=float(state.step_size))
+    return run.result(x, 0, True)
+
+
+def andriushchenko_flammarion_schedule(
+    mu: float, L_max: float
+) -> Callable[[int], tuple[float, float]]:
+    r"""Decreasing USAM schedule of Andriushchenko & Flammarion (2022):
+    :math:`\gamma_t = \min\{(8t+4)/(3\mu(t+1)^2),\ 1/(2L_{\max})\}`, :math:`\rho_t = \sqrt{\gamma_t/L_{\max}}`."""
+    mu = check_positive("mu", mu)
+    L_max = check_positive("L_max", L_max)
+
+    def schedule(t: int) -> tuple[float, float]:
+        gamma = min((8 * t + 4) / (3 * mu * (t + 1) ** 2), 1.0 / (2 * L_max))
+        return gamma, math.sqrt(gamma / L_max)
+
+    return schedule
+
+
+def sam(
+    problem: Any,
+    x0: Array,
+    *,
+    lr: float | None = None,
+    rho: float | None = None,
+    lambd: float = 0.0,
+    schedule: Callable[[int], tuple[float, float]] | None = None,
+    steps: int = 1000,
+    batch_size: int | None = None,
+    seed: int = 0,
+    record_every: int = 1,
+) -> SolverResult:
+    r"""SAM / USAM with a constant (``lr``, ``rho``) or scheduled (``schedule(t) -> (lr, rho)``) step:
+    :math:`x^+ = x - \gamma_t \nabla f(x + c_t g)` with :math:`c_t` from
+    :func:`psd_core.polyak.sam_perturbation_scale`."""
+    if schedule is None:
+        if lr is None or rho is None:
+            raise ValueError("sam: give lr and rho, or a schedule")
+        lr_c = check_nonnegative("lr", lr)
+        rho_c = check_nonnegative("rho", rho)
+
+        def schedule(t: int) -> tuple[float, float]:
+            return lr_c, rho_c
+
+    steps = check_int("steps", steps, minimum=0)
+    run = _Run(problem, x0, max(2 * steps, 1), None, record_every)
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pick, _ = _batch_oracles(problem, batch_size, rng, run.xp, x0)
+    x = x0
+    for t in range(steps):
+        lr_t, rho_t = schedule(t)
+        _, grad_fn = pick()
+        g = grad_fn(x)
+        g2 = _sq(g)
+        run.record(x, g2, step_size=lr_t)
+        c = sam_perturbation_scale(g2, rho_t, lambd)
+        ge = grad_fn(B.gd_step(x, g, -c))
+        run.evals += 2
+        x = B.gd_step(x, ge, lr_t)
+    run.record(x, _sq(problem.grad(x)), step_size=float("nan"))
+    return run.result(x, 0, True)
+
+
+def _dev(a: Array) -> Any:
+    from array_api_compat import device
+
+    return device(a)
