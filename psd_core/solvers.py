@@ -50,7 +50,8 @@ from .perturbation import (
     psd_init,
     psd_updates,
 )
-from .polyak import sam_perturbation_scale, sam_sps as sam_sps_transform
+from .polyak import sam_perturbation_scale
+from .polyak import sam_sps as sam_sps_transform
 from .random import HostDraws
 from .theory import probe_constants, psd_constants, psgd_batch_size, psgd_gate_threshold
 from .validation import check_choice, check_int, check_nonnegative, check_positive
@@ -672,7 +673,7 @@ def sam_sps(
         run.evals += 1
         loss = value_fn(x)
 
-        def vg(e: list[Array]) -> tuple[Array, list[Array]]:
+        def vg(e: list[Array], value_fn=value_fn, grad_fn=grad_fn) -> tuple[Array, list[Array]]:
             run.evals += 1
             return value_fn(e[0]), [grad_fn(e[0])]
 
