@@ -13,7 +13,7 @@ upcast before squaring, float64 leaves keep float64.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from array_api_compat import array_namespace, device
@@ -29,6 +29,7 @@ __all__ = [
     "coefficient_for",
     "tree_acc_dtype",
     "namespace",
+    "register_namespace_hook",
     "tree_dot",
     "tree_lincomb",
     "tree_select",
@@ -36,6 +37,23 @@ __all__ = [
     "tree_sq_norm",
     "tree_zeros_like",
 ]
+
+
+_NAMESPACE_HOOKS: list[Callable[[Any], Any]] = []
+"""Hooks ``hook(leaf) -> namespace | None`` consulted before ``array_namespace``
+(for array types array-api-compat does not know, e.g. TensorFlow tensors; see
+:func:`register_namespace_hook`)."""
+
+
+def register_namespace_hook(hook: Callable[[Any], Any]) -> None:
+    """Register ``hook(leaf) -> namespace or None``, consulted by :func:`namespace` first.
+
+    Lets an adapter supply an array-API namespace for a library that
+    ``array_api_compat.array_namespace`` does not support (``psd_keras`` registers a
+    TensorFlow bridge). Registering the same hook twice is a no-op.
+    """
+    if hook not in _NAMESPACE_HOOKS:
+        _NAMESPACE_HOOKS.append(hook)
 
 
 def namespace(*trees: Array) -> Any:
@@ -46,6 +64,11 @@ def namespace(*trees: Array) -> Any:
             leaves.extend(t)
         elif t is not None:
             leaves.append(t)
+    for hook in _NAMESPACE_HOOKS:
+        for leaf in leaves:
+            xp = hook(leaf)
+            if xp is not None:
+                return xp
     return array_namespace(*leaves)
 
 
@@ -62,11 +85,11 @@ def as_scalar(value: Any, like: Array, dtype: Any = None) -> Array:
     ``dtype`` defaults to ``like.dtype``. Arrays are cast with ``astype`` (no host
     round-trip), Python numbers with ``asarray``.
     """
-    xp = array_namespace(like)
+    xp = namespace(like)
     dtype = like.dtype if dtype is None else dtype
     if hasattr(value, "dtype") and hasattr(value, "shape"):
         try:
-            xp_v = array_namespace(value)
+            xp_v = namespace(value)
         except TypeError:
             xp_v = None
         if xp_v is not None and xp_v is not xp:
@@ -87,7 +110,7 @@ def coefficient_for(c: Any, leaf: Array) -> Array:
     c = as_scalar(c, leaf)
     extra = leaf.ndim - c.ndim
     if c.ndim > 0 and extra > 0:
-        xp = array_namespace(leaf)
+        xp = namespace(leaf)
         c = xp.reshape(c, tuple(c.shape) + (1,) * extra)
     return c
 

@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 
 from ._array import (
     Array,
-    Tree,
     as_scalar,
     namespace,
     tree_dot,

@@ -582,7 +582,8 @@ def psgd(
     r"""Perturbed stochastic gradient descent.
 
     Stochastic gradients are simulated as :math:`\nabla f(x) + \zeta`,
-    :math:`\zeta\sim N(0, \sigma^2/B\, I)` with the batch size
+    :math:`\zeta\sim N(0, \sigma^2/(B d)\, I)` (total variance :math:`\sigma^2/B`, the
+    quantity the gate threshold is calibrated for) with the batch size
     :math:`B = \max(1, \lceil (2\sigma^2/\epsilon^2)\log(2/\delta_{fp})\rceil)`, each
     costing ``B`` gradient evaluations. The gate is :math:`\|g\| \le
     \epsilon\sqrt{1 + 2\sigma^2/(B\epsilon^2)}` (``gate="threshold"``) or the EMA gate
@@ -607,7 +608,7 @@ def psgd(
     run = _Run(problem, x0, max_grad_evals, sosp, record_every)
     draws = HostDraws(seed)
     noise_draws = HostDraws(None if seed is None else seed + 104729)
-    scale = sigma / math.sqrt(bsz)
+    scale = sigma / math.sqrt(bsz * dim)
 
     def stochastic_grad(x: Array) -> Array:
         g = run.grad(x, cost=bsz)
