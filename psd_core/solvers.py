@@ -169,6 +169,32 @@ def _sq(g: Array) -> Array:
 # --------------------------------------------------------------------------------------
 
 
+def _first_order_loop(
+    problem: Any,
+    x0: Array,
+    max_grad_evals: int,
+    sosp: tuple[float, float] | None,
+    record_every: int,
+    init: Callable[[Array, _Run], Any],
+    step: Callable[[Array, Array, Any, _Run], tuple[Array, Any]],
+) -> SolverResult:
+    """The loop shared by the one-gradient-per-step baselines: evaluate, record, stop at an
+    SOSP if asked, then ``x, aux = step(x, g, aux, run)``."""
+    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
+    x, aux = x0, init(x0, run)
+    while run.budget_left():
+        g = run.grad(x)
+        g2 = _sq(g)
+        run.record(x, g2)
+        if run.at_sosp(x, g2):
+            return run.result(x, 0, True)
+        x, aux = step(x, g, aux, run)
+    return run.result(x, 0, False)
+
+
+_Sosp = tuple[float, float] | None
+
+
 def gd(
     problem: Any,
     x0: Array,
@@ -176,21 +202,20 @@ def gd(
     lr: float,
     seed: int = 0,
     max_grad_evals: int = 50_000,
-    sosp: tuple[float, float] | None = None,
+    sosp: _Sosp = None,
     record_every: int = 1,
 ) -> SolverResult:
     r"""Gradient descent :math:`x^+ = x - \eta\nabla f(x)` (:func:`psd_core.baselines.gd_step`)."""
     lr = check_nonnegative("lr", lr)
-    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
-    x = x0
-    while run.budget_left():
-        g = run.grad(x)
-        g2 = _sq(g)
-        run.record(x, g2)
-        if run.at_sosp(x, g2):
-            return run.result(x, 0, True)
-        x = B.gd_step(x, g, lr)
-    return run.result(x, 0, False)
+    return _first_order_loop(
+        problem,
+        x0,
+        max_grad_evals,
+        sosp,
+        record_every,
+        lambda x, run: None,
+        lambda x, g, aux, run: (B.gd_step(x, g, lr), None),
+    )
 
 
 def momentum(
@@ -201,21 +226,20 @@ def momentum(
     beta: float = 0.9,
     seed: int = 0,
     max_grad_evals: int = 50_000,
-    sosp: tuple[float, float] | None = None,
+    sosp: _Sosp = None,
     record_every: int = 1,
 ) -> SolverResult:
     r"""Heavy-ball momentum (:func:`psd_core.baselines.momentum_step`)."""
     lr = check_nonnegative("lr", lr)
-    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
-    x, v = x0, run.xp.zeros_like(x0)
-    while run.budget_left():
-        g = run.grad(x)
-        g2 = _sq(g)
-        run.record(x, g2)
-        if run.at_sosp(x, g2):
-            return run.result(x, 0, True)
-        x, v = B.momentum_step(x, v, g, lr, beta)
-    return run.result(x, 0, False)
+    return _first_order_loop(
+        problem,
+        x0,
+        max_grad_evals,
+        sosp,
+        record_every,
+        lambda x, run: run.xp.zeros_like(x),
+        lambda x, g, v, run: B.momentum_step(x, v, g, lr, beta),
+    )
 
 
 def langevin(
@@ -226,23 +250,20 @@ def langevin(
     sigma: float,
     seed: int = 0,
     max_grad_evals: int = 50_000,
-    sosp: tuple[float, float] | None = None,
+    sosp: _Sosp = None,
     record_every: int = 1,
 ) -> SolverResult:
     r"""Langevin-noise GD :math:`x - \eta(\nabla f + \sigma\xi)` (:func:`psd_core.baselines.langevin_step`)."""
     lr = check_nonnegative("lr", lr)
     sigma = check_nonnegative("sigma", sigma)
-    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
     draws = HostDraws(seed)
-    x = x0
-    while run.budget_left():
-        g = run.grad(x)
-        g2 = _sq(g)
-        run.record(x, g2)
-        if run.at_sosp(x, g2):
-            return run.result(x, 0, True)
-        x = B.langevin_step(x, g, draws.normals_like([x])[0], lr, sigma)
-    return run.result(x, 0, False)
+
+    def step(x: Array, g: Array, aux: Any, run: _Run) -> tuple[Array, Any]:
+        return B.langevin_step(x, g, draws.normals_like([x])[0], lr, sigma), None
+
+    return _first_order_loop(
+        problem, x0, max_grad_evals, sosp, record_every, lambda x, run: None, step
+    )
 
 
 def adam(
@@ -255,29 +276,29 @@ def adam(
     eps: float = 1e-8,
     seed: int = 0,
     max_grad_evals: int = 50_000,
-    sosp: tuple[float, float] | None = None,
+    sosp: _Sosp = None,
     record_every: int = 1,
 ) -> SolverResult:
     """Adam with bias correction (the core's :func:`~psd_core.perturbation.adam_moments` and
     :func:`~psd_core.perturbation.adam_direction`)."""
     lr = check_nonnegative("lr", lr)
-    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
-    xp = run.xp
-    x = x0
-    mu, nu = [xp.zeros_like(x0)], [xp.zeros_like(x0)]
-    t = 0
-    while run.budget_left():
-        g = run.grad(x)
-        g2 = _sq(g)
-        run.record(x, g2)
-        if run.at_sosp(x, g2):
-            return run.result(x, 0, True)
-        t += 1
+
+    def step(x: Array, g: Array, aux: Any, run: _Run) -> tuple[Array, Any]:
+        mu, nu, t = aux
         mu, nu = adam_moments([g], mu, nu, b1, b2)
-        bc1, bc2 = adam_bias_corrections(xp.asarray(t), b1, b2, g2)
+        bc1, bc2 = adam_bias_corrections(run.xp.asarray(t + 1), b1, b2, _sq(g))
         d = adam_direction(mu, nu, bc1, bc2, eps)[0]
-        x = B.gd_step(x, d, lr)
-    return run.result(x, 0, False)
+        return B.gd_step(x, d, lr), (mu, nu, t + 1)
+
+    return _first_order_loop(
+        problem,
+        x0,
+        max_grad_evals,
+        sosp,
+        record_every,
+        lambda x, run: ([run.xp.zeros_like(x)], [run.xp.zeros_like(x)], 0),
+        step,
+    )
 
 
 def newton(
@@ -288,22 +309,19 @@ def newton(
     damping: float = 0.0,
     seed: int = 0,
     max_grad_evals: int = 50_000,
-    sosp: tuple[float, float] | None = None,
+    sosp: _Sosp = None,
     record_every: int = 1,
 ) -> SolverResult:
     """Damped Newton (:func:`psd_core.baselines.newton_step`); each step also uses one dense Hessian."""
     lr = check_nonnegative("lr", lr)
-    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
-    x = x0
-    while run.budget_left():
-        g = run.grad(x)
-        g2 = _sq(g)
-        run.record(x, g2)
-        if run.at_sosp(x, g2):
-            return run.result(x, 0, True)
+
+    def step(x: Array, g: Array, aux: Any, run: _Run) -> tuple[Array, Any]:
         run.hvps += 1
-        x = B.newton_step(x, g, problem.hess(x), lr, damping)
-    return run.result(x, 0, False)
+        return B.newton_step(x, g, problem.hess(x), lr, damping), None
+
+    return _first_order_loop(
+        problem, x0, max_grad_evals, sosp, record_every, lambda x, run: None, step
+    )
 
 
 def condition_scaled_gd(
@@ -313,22 +331,19 @@ def condition_scaled_gd(
     lr: float = 1.0,
     seed: int = 0,
     max_grad_evals: int = 50_000,
-    sosp: tuple[float, float] | None = None,
+    sosp: _Sosp = None,
     record_every: int = 1,
 ) -> SolverResult:
     """GD with the step scaled by the local curvature (:func:`psd_core.baselines.condition_scaled_step`)."""
     lr = check_nonnegative("lr", lr)
-    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
-    x = x0
-    while run.budget_left():
-        g = run.grad(x)
-        g2 = _sq(g)
-        run.record(x, g2)
-        if run.at_sosp(x, g2):
-            return run.result(x, 0, True)
+
+    def step(x: Array, g: Array, aux: Any, run: _Run) -> tuple[Array, Any]:
         run.hvps += 1
-        x = B.condition_scaled_step(x, g, problem.hess(x), lr)
-    return run.result(x, 0, False)
+        return B.condition_scaled_step(x, g, problem.hess(x), lr), None
+
+    return _first_order_loop(
+        problem, x0, max_grad_evals, sosp, record_every, lambda x, run: None, step
+    )
 
 
 def bfgs(
