@@ -1,0 +1,185 @@
+"""Shared helpers of the PyTorch optimizers (no math: the math lives in :mod:`psd_core`).
+
+* grouping tensors by ``(device, dtype)`` so that ``torch._foreach_*`` ops see
+  homogeneous lists, with a per-tensor fallback (``foreach=False``);
+* the global squared norm of a list of tensors with ``torch._foreach_norm``,
+  accumulated in float32 or better (float16/bfloat16 leaves are reduced in
+  float32, float64 leaves keep float64) -- the torch-speed equivalent of
+  :func:`psd_core._array.tree_sq_norm`;
+* the optimizer-owned ``torch.Generator`` (seeded, on the parameters' device) and
+  its checkpoint state;
+* normal draws shaped like the parameters;
+* reading a few 0-d flags/coefficients on the host in *one* transfer (free on CPU,
+  one synchronization on CUDA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from psd_core import validation
+
+__all__ = [
+    "Group",
+    "acc_dtype_of",
+    "check_params",
+    "draw_normals",
+    "foreach_add_",
+    "global_sq_norm",
+    "group_by_device_dtype",
+    "host_values",
+    "make_generator",
+    "resolve_foreach",
+    "tree_acc_dtype",
+]
+
+Group = tuple[list[torch.Tensor], ...]
+"""Parallel lists of tensors sharing one ``(device, dtype)``."""
+
+
+def check_params(params: Any) -> list[Any]:
+    """Materialise ``params`` (an iterable of tensors or of param-group dicts) and
+    raise ``ValueError`` when it is empty (``torch.optim`` does the same, we name it)."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError(
+            "params argument given to the optimizer should be an iterable of Tensors or dicts, "
+            f"but got {torch.typename(params)}"
+        )
+    params = list(params)
+    if len(params) == 0:
+        raise ValueError("params: the optimizer got an empty parameter list")
+    return params
+
+
+def resolve_foreach(foreach: bool | None) -> bool:
+    """``None`` means "use foreach" (the fast path on every device)."""
+    return True if foreach is None else bool(foreach)
+
+
+def group_by_device_dtype(
+    *lists: Sequence[torch.Tensor],
+) -> dict[tuple[torch.device, torch.dtype], Group]:
+    """Split parallel tensor lists into buckets keyed by the first list's ``(device, dtype)``.
+
+    Order inside each bucket follows the input order, and buckets appear in the order
+    of their first member, so iteration order is deterministic (draws depend on it).
+    """
+    out: dict[tuple[torch.device, torch.dtype], Group] = {}
+    for items in zip(*lists):
+        key = (items[0].device, items[0].dtype)
+        if key not in out:
+            out[key] = tuple([] for _ in lists)
+        for bucket, t in zip(out[key], items):
+            bucket.append(t)
+    return out
+
+
+def acc_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """Reduction dtype for leaves of ``dtype``: float32 for floats narrower than 32 bits."""
+    if dtype.is_floating_point and torch.finfo(dtype).bits < 32:
+        return torch.float32
+    return dtype
+
+
+def tree_acc_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """Promotion of :func:`acc_dtype_of` over all tensors (dtype of :func:`global_sq_norm`)."""
+    acc: torch.dtype | None = None
+    for t in tensors:
+        a = acc_dtype_of(t.dtype)
+        acc = a if acc is None else torch.promote_types(acc, a)
+    if acc is None:
+        raise ValueError("empty tensor list")
+    return acc
+
+
+def global_sq_norm(
+    tensors: Sequence[torch.Tensor], *, foreach: bool = True, device: torch.device | None = None
+) -> torch.Tensor:
+    r"""Global squared 2-norm :math:`\sum_{\text{leaves}}\|t\|^2` as a 0-d tensor.
+
+    Accumulates in the promotion of :func:`acc_dtype_of` over all leaves (float32 for
+    fp16/bf16, float64 when any leaf is float64), on ``device`` (default: the device
+    of the first tensor). Never reads a value on the host. Non-finite entries give a
+    non-finite result (that is how the core detects a step to skip).
+    """
+    if len(tensors) == 0:
+        raise ValueError("global_sq_norm: empty tensor list")
+    acc = tree_acc_dtype(tensors)
+    dev = tensors[0].device if device is None else device
+    total: torch.Tensor | None = None
+    for (_, dt), (ts,) in group_by_device_dtype(tensors).items():
+        red = acc_dtype_of(dt)
+        if foreach:
+            norms = torch._foreach_norm(ts, 2, dtype=red if red != dt else None)
+        else:
+            norms = [torch.linalg.vector_norm(t, 2, dtype=red) for t in ts]
+        s = torch.stack([n.to(device=dev, dtype=acc) for n in norms]).square().sum()
+        total = s if total is None else total + s
+    assert total is not None
+    return total
+
+
+def foreach_add_(
+    targets: list[torch.Tensor], others: list[torch.Tensor], alpha: float, *, foreach: bool = True
+) -> None:
+    """``t += alpha * o`` in place for every pair (one fused foreach call, or a loop)."""
+    if foreach:
+        torch._foreach_add_(targets, others, alpha=alpha)
+    else:
+        for t, o in zip(targets, others):
+            t.add_(o, alpha=alpha)
+
+
+def host_values(*values: torch.Tensor) -> list[float]:
+    """Read several 0-d tensors on the host with a single transfer.
+
+    On CPU this is free; on CUDA it is one device synchronization (documented where
+    an optimizer calls it).
+    """
+    dev = values[0].device
+    stacked = torch.stack([v.to(device=dev, dtype=torch.float64) for v in values])
+    return stacked.tolist()
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A ``torch.Generator`` on ``device``.
+
+    ``seed=None`` takes the seed from PyTorch's global generator (so
+    ``torch.manual_seed`` makes runs reproducible); under DDP pass the same explicit
+    ``seed`` on every rank so that perturbations agree.
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    else:
+        seed = validation.check_int("seed", seed, minimum=0)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def draw_normals(params: Iterable[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+    """Standard normal draws shaped like ``params`` (their dtype), from ``generator``.
+
+    Draws happen in parameter order on the generator's device and are moved to each
+    parameter's device if it differs. The order is part of the reproducibility
+    contract (tests replicate it).
+    """
+    gdev = generator.device
+    out = []
+    for p in params:
+        z = torch.randn(p.shape, dtype=p.dtype, device=gdev, generator=generator)
+        out.append(z if z.device == p.device else z.to(p.device))
+    return out
+
+
+def draw_uniform(generator: torch.Generator) -> torch.Tensor:
+    """One :math:`U(0,1)` draw (float64, 0-d) from ``generator``."""
+    return torch.rand((), dtype=torch.float64, device=generator.device, generator=generator)
+
+
+NoiseFn = Callable[[list[torch.Tensor]], tuple[list[torch.Tensor], torch.Tensor]]
+"""``noise_fn(params) -> (normals shaped like params, uniform 0-d)``: an injectable
+source of draws (tests use it to feed the core and the optimizer the same draws)."""

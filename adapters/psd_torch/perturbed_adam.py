@@ -1,0 +1,313 @@
+"""``psd_torch.PerturbedAdam``: psd-optimizer's PerturbedAdam on the :mod:`psd_core` gate.
+
+The gate, the step/noise coefficients and the bias corrections come from
+:mod:`psd_core.perturbation` (:func:`~psd_core.perturbation.adam_bias_corrections`,
+:func:`~psd_core.perturbation.perturbed_adam_coefficients`). The moment update
+(:func:`~psd_core.perturbation.adam_moments`) and the bias-corrected direction
+(:func:`~psd_core.perturbation.adam_direction`) are executed in place with
+``torch._foreach_*`` ops; a test checks them against the core functions (float64,
+1e-12).
+
+Difference from psd-optimizer 0.1.2 (as in the core): the published class gates each
+tensor on its own step norm, so different tensors perturb at different times; here the
+gate is on the *global* norm of the bias-corrected Adam step. With one parameter tensor
+the two coincide (tested against ``psd_optimizer.PerturbedAdam``).
+
+Host reads: one small stacked transfer per step (finite flag, bias corrections) and one
+for the gate/coefficients; free on CPU, two synchronizations per step on CUDA.
+Non-finite gradients: the step is skipped (parameters and moments untouched) and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from psd_core import validation
+from psd_core.perturbation import (
+    PerturbedAdamState,
+    adam_bias_corrections,
+    perturbed_adam_coefficients,
+    perturbed_adam_config,
+)
+
+from ._common import (
+    NoiseFn,
+    check_params,
+    draw_normals,
+    draw_uniform,
+    foreach_add_,
+    global_sq_norm,
+    group_by_device_dtype,
+    host_values,
+    make_generator,
+    resolve_foreach,
+)
+
+__all__ = ["PerturbedAdam"]
+
+_SCALARS = ("count", "small_steps", "perturbations", "skipped", "perturbed")
+
+
+class PerturbedAdam(torch.optim.Optimizer):
+    r"""Adam with PGD-style perturbations (psd-optimizer semantics, global gate).
+
+    Each step updates the Adam moments and the bias-corrected direction
+    :math:`d = \hat m/(\sqrt{\hat v}+\epsilon)`. When :math:`\|d\| \le` ``g_thres`` for
+    ``t_thres`` consecutive steps, the step instead adds noise of radius ``r``
+    (:math:`N(0, r^2 I)` for ``noise="gaussian"``, as published; uniform in the ball with
+    ``noise="ball"``) and resets both moments to zero; the bias-correction count
+    continues (as published). Otherwise :math:`p \leftarrow p - \mathrm{lr}\, d`.
+
+    Args:
+        params: parameters or parameter-group dicts (groups may override ``lr``).
+        lr, betas, eps: Adam hyperparameters.
+        g_thres: threshold on the global norm of the Adam step.
+        t_thres: consecutive small steps needed before a perturbation.
+        r: noise radius (standard deviation per coordinate for ``noise="gaussian"``).
+        noise: ``"gaussian"`` (published) or ``"ball"``.
+        seed: seed of the optimizer's ``torch.Generator`` (``None``: from the global RNG).
+        foreach: ``torch._foreach_*`` ops (default) or a per-tensor loop.
+        noise_fn: optional ``params -> (normals, uniform)`` replacing the generator (tests).
+
+    State: per parameter ``exp_avg`` and ``exp_avg_sq`` (as in ``torch.optim.Adam``);
+    the global counters in ``self.state["perturbed_adam"]``; the generator state in
+    :meth:`state_dict`.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        g_thres: float = 1e-3,
+        t_thres: int = 10,
+        r: float = 1e-3,
+        *,
+        noise: str = "gaussian",
+        seed: int | None = None,
+        foreach: bool | None = None,
+        noise_fn: NoiseFn | None = None,
+    ) -> None:
+        params = check_params(params)
+        lr = validation.check_nonnegative("lr", lr)
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        validation.check_beta("betas[0]", betas[0])
+        validation.check_beta("betas[1]", betas[1])
+        validation.check_nonnegative("r", r)
+        self._config = perturbed_adam_config(
+            lr, betas[0], betas[1], eps, g_thres, t_thres, r, noise
+        )
+        self._foreach = resolve_foreach(foreach)
+        self._noise_fn = noise_fn
+        super().__init__(params, dict(lr=lr))
+        for group in self.param_groups:
+            validation.check_nonnegative("lr", group["lr"])
+        self._generator = make_generator(seed, self.param_groups[0]["params"][0].device)
+
+    @property
+    def config(self) -> Any:
+        return self._config
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self._generator
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["generator_state"] = self._generator.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        gen_state = state_dict.pop("generator_state", None)
+        super().load_state_dict(state_dict)
+        if gen_state is not None:
+            self._generator.set_state(gen_state.cpu())
+
+    def _scalars(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        st = self.state.get("perturbed_adam")
+        if not st:
+            dev = like.device
+            st = {k: torch.zeros((), dtype=torch.int32, device=dev) for k in _SCALARS[:-1]}
+            st["perturbed"] = torch.zeros((), dtype=torch.bool, device=dev)
+            self.state["perturbed_adam"] = st
+        return st
+
+    @staticmethod
+    def _moments_(
+        grads: list[torch.Tensor],
+        mu: list[torch.Tensor],
+        nu: list[torch.Tensor],
+        b1: float,
+        b2: float,
+        foreach: bool,
+    ) -> None:
+        """In-place :func:`psd_core.perturbation.adam_moments` (tested against it)."""
+        if foreach:
+            torch._foreach_lerp_(mu, grads, 1.0 - b1)
+            torch._foreach_mul_(nu, b2)
+            torch._foreach_addcmul_(nu, grads, grads, value=1.0 - b2)
+        else:
+            for g, m, v in zip(grads, mu, nu):
+                m.lerp_(g, 1.0 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+
+    @staticmethod
+    def _direction(
+        mu: list[torch.Tensor],
+        nu: list[torch.Tensor],
+        bc1: float,
+        bc2: float,
+        eps: float,
+        foreach: bool,
+    ) -> list[torch.Tensor]:
+        """:func:`psd_core.perturbation.adam_direction` with one temporary per tensor
+        (tested against it): ``(m / bc1) / (sqrt(v / bc2) + eps)``."""
+        if foreach:
+            den = list(torch._foreach_div(nu, bc2))
+            torch._foreach_sqrt_(den)
+            torch._foreach_add_(den, eps)
+            # den <- (m / bc1) / den, written into den (no second temporary)
+            torch._foreach_reciprocal_(den)
+            torch._foreach_mul_(den, mu)
+            torch._foreach_div_(den, bc1)
+            return den
+        out = []
+        for m, v in zip(mu, nu):
+            d = torch.div(v, bc2).sqrt_().add_(eps)
+            torch.div(m, d, out=d)
+            out.append(d.div_(bc1))
+        return out
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params, grads, gidx = [], [], []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("PerturbedAdam does not support sparse gradients")
+                st = self.state[p]
+                if len(st) == 0:
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                gidx.append(gi)
+        if not params:
+            return loss
+        cfg = self._config
+        sc = self._scalars(params[0])
+        dev = sc["count"].device
+        mu = [self.state[p]["exp_avg"] for p in params]
+        nu = [self.state[p]["exp_avg_sq"] for p in params]
+        state = PerturbedAdamState(mu=mu, nu=nu, **sc)
+        dim = sum(int(p.numel()) for p in params)
+        groups_used = sorted(set(gidx))
+        lr0 = self.param_groups[groups_used[0]]["lr"]
+
+        g2 = global_sq_norm(grads, foreach=self._foreach, device=dev)
+        bc1, bc2 = adam_bias_corrections(state.count + 1, cfg.b1, cfg.b2, g2)
+        fin, bc1_h, bc2_h = host_values(torch.isfinite(g2), bc1, bc2)
+        if not fin:
+            # Skip: the core counts it (the step norm is irrelevant when the gradient is not finite).
+            _, new = perturbed_adam_coefficients(
+                g2, g2, state, cfg, dim=dim, noise_sq_norm=g2, uniform=g2
+            )
+            self._store(new)
+            return loss
+
+        buckets = group_by_device_dtype(grads, mu, nu)
+        d_all: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
+        pos = {id(g): i for i, g in enumerate(grads)}
+        for _, (bg, bm, bv) in buckets.items():
+            self._moments_(bg, bm, bv, cfg.b1, cfg.b2, self._foreach)
+            ds = self._direction(bm, bv, bc1_h, bc2_h, cfg.eps, self._foreach)
+            for g, d in zip(bg, ds):
+                d_all[pos[id(g)]] = d
+        s2 = global_sq_norm(d_all, foreach=self._foreach, device=dev)
+        one = torch.ones((), dtype=s2.dtype, device=dev)
+        coeffs = {}
+        new_state = None
+        for gi in groups_used:
+            c, s = perturbed_adam_coefficients(
+                s2,
+                g2,
+                state,
+                cfg,
+                dim=dim,
+                noise_sq_norm=one,  # placeholder: only the noise coefficient depends on the draws
+                uniform=one,
+                learning_rate=self.param_groups[gi]["lr"],
+            )
+            coeffs[gi] = c
+            new_state = s if new_state is None else new_state
+        assert new_state is not None
+        c0 = coeffs[groups_used[0]]
+        vals = host_values(
+            c0.finite, c0.perturb, c0.noise, *[coeffs[gi].step for gi in groups_used]
+        )
+        finite, perturb, noise_coef = bool(vals[0]), bool(vals[1]), vals[2]
+        step_coef = dict(zip(groups_used, vals[3:]))
+        self._store(new_state)
+        if not finite:
+            # The Adam step overflowed although the gradient is finite (e.g. fp16 moments):
+            # the parameters are not touched; unlike the core, the moments already moved.
+            return loss
+        if perturb:
+            if self._noise_fn is not None:
+                normals, uniform = self._noise_fn(params)
+                normals = list(normals)
+            else:
+                normals = draw_normals(params, self._generator)
+                uniform = draw_uniform(self._generator) if cfg.noise == "ball" else None
+            if cfg.noise == "ball":
+                nsq = global_sq_norm(normals, foreach=self._foreach, device=dev)
+                c_real, _ = perturbed_adam_coefficients(
+                    s2,
+                    g2,
+                    state,
+                    cfg,
+                    dim=dim,
+                    noise_sq_norm=nsq,
+                    uniform=uniform,
+                    learning_rate=lr0,
+                )
+                noise_coef = host_values(c_real.noise)[0]
+            for _, (bp, bz, bm, bv) in group_by_device_dtype(params, normals, mu, nu).items():
+                if self._foreach:
+                    torch._foreach_zero_(bm)
+                    torch._foreach_zero_(bv)
+                else:
+                    for t in bm + bv:
+                        t.zero_()
+                foreach_add_(bp, bz, noise_coef, foreach=self._foreach)
+            return loss
+        for gi in groups_used:
+            idx = [i for i, g in enumerate(gidx) if g == gi]
+            a = step_coef[gi]
+            if a == 0.0:
+                continue
+            ps = [params[i] for i in idx]
+            ds = [d_all[i] for i in idx]
+            for _, (bp, bd) in group_by_device_dtype(ps, ds).items():
+                foreach_add_(bp, bd, a, foreach=self._foreach)
+        return loss
+
+    def _store(self, new: PerturbedAdamState) -> None:
+        self.state["perturbed_adam"] = {k: getattr(new, k) for k in _SCALARS}
+
+    @property
+    def adam_state(self) -> dict[str, torch.Tensor] | None:
+        """The global counters (``count``, ``small_steps``, ``perturbations``, ``skipped``, ``perturbed``)."""
+        return self.state.get("perturbed_adam")

@@ -1,0 +1,395 @@
+"""``psd_torch.PSD``: Perturbed Saddle-escape Descent as a ``torch.optim.Optimizer``.
+
+Every scalar decision and coefficient comes from :mod:`psd_core.perturbation`
+(:func:`~psd_core.perturbation.psd_gate` and
+:func:`~psd_core.perturbation.psd_coefficients`); this module only computes the
+global squared gradient norm with ``torch._foreach_norm`` (float32 or better),
+draws the noise with the optimizer's own ``torch.Generator`` and applies
+``p += a * g + b * z`` in place with ``torch._foreach_add_``.
+
+Host reads (synchronization): the step reads one small tensor on the host per
+call (the finite/perturb flags and the coefficients, stacked into one transfer),
+plus one more on a perturbing step with ``noise="ball"`` (the ball scale depends on
+the norm of the fresh draws). On CPU these reads are free. On CUDA each is one
+synchronization; the optimizer needs the perturb flag on the host anyway to draw
+the noise only when it perturbs (drawing 10M normals every step would cost more
+than the sync). A fully sync-free CUDA step is not implemented.
+
+Non-finite policy (the core's): if the global gradient norm is not finite the step
+is skipped -- the parameters are not touched, the state is unchanged except the
+``skipped`` counter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from psd_core import curvature as _curv
+from psd_core import validation
+from psd_core.perturbation import PSDState, psd_coefficients, psd_config, psd_gate, psd_init
+from psd_core.theory import psd_constants
+
+from ._common import (
+    NoiseFn,
+    check_params,
+    draw_normals,
+    draw_uniform,
+    foreach_add_,
+    global_sq_norm,
+    group_by_device_dtype,
+    host_values,
+    make_generator,
+    resolve_foreach,
+    tree_acc_dtype,
+)
+
+__all__ = ["PSD"]
+
+_CURVATURE = (None, "grad_diff", "hvp")
+
+
+class PSD(torch.optim.Optimizer):
+    r"""Perturbed Saddle-escape Descent (Alpay & Alakkad 2025) on the :mod:`psd_core` state machine.
+
+    A standard per-step optimizer: ``loss.backward(); opt.step()``. Each step
+    computes the global gradient norm :math:`\|g\|` over all parameters; while no
+    escape episode runs, if :math:`\|g\| \le \epsilon` (and more than ``t_thres``
+    steps passed since the last perturbation, and the episode budget is not used
+    up, and -- if a curvature check is configured -- the point is a strict saddle)
+    the step perturbs: it adds a draw uniform in the ball of radius ``radius``
+    (``noise="ball"``) or :math:`N(0, r^2 I)` (``noise="gaussian"``) and starts an
+    episode of ``episode_length`` plain gradient steps. Otherwise it takes the
+    gradient step :math:`p \leftarrow p - \eta g`.
+
+    Args:
+        params: parameters or parameter-group dicts (groups may override ``lr``).
+        lr: step size :math:`\eta \ge 0`.
+        epsilon: gate threshold on the global gradient norm, ``>= 0``.
+        radius: perturbation radius ``>= 0``.
+        episode_length: plain steps after a perturbation before the gate is consulted again.
+        t_thres: minimum gap: a perturbation needs more than ``t_thres`` steps since the last one.
+        max_episodes: episode budget (``None``: unlimited).
+        gate: ``"grad_norm"`` or ``"ema"`` (gate on an EMA of :math:`\|g\|^2`).
+        ema_beta: EMA coefficient for ``gate="ema"``.
+        noise: ``"ball"`` (the paper) or ``"gaussian"`` (``PSDTorch``).
+        step_on_perturb: also take the gradient step on a perturbing call (``PSDTorch``).
+        seed: seed of the optimizer's ``torch.Generator`` (on the first parameter's
+            device). ``None`` draws a seed from PyTorch's global generator. Under DDP
+            pass the same seed on every rank.
+        foreach: use ``torch._foreach_*`` ops (default) or a per-tensor loop.
+        curvature: ``None``, ``"grad_diff"`` (Hessian-vector products from gradient
+            differences, works with any closure) or ``"hvp"`` (exact HVPs by double
+            backward: the closure must return the loss with its graph alive, i.e.
+            call ``loss.backward(retain_graph=True)``; the optimizer differentiates
+            the returned loss twice). Needs ``step(closure)``.
+            When the gate is open the optimizer estimates
+            :math:`\lambda_{\min}` with the core's Lanczos probe
+            (:func:`psd_core.curvature.min_curvature`) and perturbs only if
+            :func:`psd_core.curvature.is_strict_saddle` (:math:`\lambda_{\min} < -\gamma`).
+        curvature_gamma: the curvature threshold :math:`\gamma > 0` (``from_theory``
+            fills :math:`\sqrt{\rho\epsilon}`).
+        curvature_iters: Lanczos iterations (HVPs) per check.
+        curvature_h: finite-difference step for ``"grad_diff"``.
+        noise_fn: optional ``params -> (normals, uniform)`` replacing the generator
+            (used by tests to feed the optimizer and the core identical draws).
+
+    The optimizer's global state (``count``, ``since_perturb``, ``episode_left``,
+    ``episodes``, ``grad_sq_ema``, ``skipped``, ``perturbed``: the core's
+    :class:`~psd_core.perturbation.PSDState`) lives in ``self.state["psd"]`` and, with
+    the generator state, in :meth:`state_dict`.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        epsilon: float,
+        radius: float,
+        episode_length: int = 0,
+        *,
+        t_thres: int = 0,
+        max_episodes: int | None = None,
+        gate: str = "grad_norm",
+        ema_beta: float = 0.1,
+        noise: str = "ball",
+        step_on_perturb: bool = False,
+        seed: int | None = None,
+        foreach: bool | None = None,
+        curvature: str | None = None,
+        curvature_gamma: float | None = None,
+        curvature_iters: int = 10,
+        curvature_h: float = 1e-3,
+        noise_fn: NoiseFn | None = None,
+    ) -> None:
+        params = check_params(params)
+        lr = validation.check_nonnegative("lr", lr)
+        self._config = psd_config(
+            lr,
+            epsilon,
+            radius,
+            episode_length,
+            t_thres=t_thres,
+            max_episodes=max_episodes,
+            gate=gate,
+            ema_beta=ema_beta,
+            noise=noise,
+            step_on_perturb=step_on_perturb,
+        )
+        if curvature not in _CURVATURE:
+            raise ValueError(
+                f"Invalid curvature: {curvature!r} (must be one of None, 'grad_diff', 'hvp')"
+            )
+        self._curvature = curvature
+        self._curvature_iters = validation.check_int("curvature_iters", curvature_iters, minimum=1)
+        self._curvature_h = validation.check_positive("curvature_h", curvature_h)
+        if curvature is not None:
+            if curvature_gamma is None:
+                raise ValueError(
+                    "curvature_gamma is required when curvature is set (e.g. sqrt(rho*epsilon))"
+                )
+            curvature_gamma = validation.check_positive("curvature_gamma", curvature_gamma)
+        self._curvature_gamma = curvature_gamma
+        self._foreach = resolve_foreach(foreach)
+        self._noise_fn = noise_fn
+        super().__init__(params, dict(lr=lr))
+        for group in self.param_groups:
+            validation.check_nonnegative("lr", group["lr"])
+        first = self.param_groups[0]["params"][0]
+        self._generator = make_generator(seed, first.device)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_theory(
+        cls,
+        params: Any,
+        epsilon: float,
+        ell: float,
+        rho: float,
+        delta: float = 0.1,
+        delta_f: float = 1.0,
+        **kwargs: Any,
+    ) -> PSD:
+        r"""PSD with the paper's constants (:func:`psd_core.theory.psd_constants`, ``dim`` =
+        total number of parameter scalars): ``lr = 1/(2 ell)``, ``radius = r``,
+        ``episode_length = T``, ``max_episodes = M``, gate ``epsilon``; with a curvature
+        check, ``curvature_gamma`` defaults to :math:`\gamma = \sqrt{\rho\epsilon}`."""
+        params = check_params(params)
+        dim = 0
+        for item in params:
+            ps = item["params"] if isinstance(item, dict) else [item]
+            if isinstance(ps, torch.Tensor):
+                ps = [ps]
+            dim += sum(int(p.numel()) for p in ps)
+        c = psd_constants(epsilon, ell, rho, delta, delta_f, dim=dim)
+        if kwargs.get("curvature") is not None:
+            kwargs.setdefault("curvature_gamma", c.gamma)
+        return cls(
+            params,
+            c.step_size,
+            c.epsilon,
+            c.radius,
+            c.episode_length,
+            max_episodes=c.max_episodes,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def config(self) -> Any:
+        """The validated core :class:`~psd_core.perturbation.PSDConfig`."""
+        return self._config
+
+    @property
+    def psd_state(self) -> PSDState | None:
+        """The core :class:`~psd_core.perturbation.PSDState` (``None`` before the first step)."""
+        st = self.state.get("psd")
+        if not st:
+            return None
+        return PSDState(**{k: st[k] for k in PSDState._fields})
+
+    def _set_psd_state(self, state: PSDState) -> None:
+        self.state["psd"] = dict(state._asdict())
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self._generator
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["generator_state"] = self._generator.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        gen_state = state_dict.pop("generator_state", None)
+        super().load_state_dict(state_dict)
+        if gen_state is not None:
+            self._generator.set_state(
+                gen_state.cpu() if isinstance(gen_state, torch.Tensor) else gen_state
+            )
+
+    # ------------------------------------------------------------------ step
+
+    def _collect(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+        params, grads, group_index = [], [], []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("PSD does not support sparse gradients")
+                params.append(p)
+                grads.append(p.grad)
+                group_index.append(gi)
+        return params, grads, group_index
+
+    def _draw(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        if self._noise_fn is not None:
+            normals, uniform = self._noise_fn(params)
+            return list(normals), uniform
+        normals = draw_normals(params, self._generator)
+        uniform = draw_uniform(self._generator) if self._config.noise == "ball" else None
+        return normals, uniform
+
+    def _saddle_test(
+        self, closure: Callable[[], Any], params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """``is_strict_saddle(lambda_min, gamma)`` at the current point (0-d bool).
+
+        Parameters and gradients are restored afterwards (this runs only when the
+        gate is open, so the copies are rare).
+        """
+        saved_p = [p.detach().clone() for p in params]
+        saved_g = [g.detach().clone() for g in grads]
+
+        def grad_at(x: list[torch.Tensor]) -> list[torch.Tensor]:
+            for p, xi in zip(params, x):
+                p.copy_(xi)
+            with torch.enable_grad():
+                closure()
+            return [
+                p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                for p in params
+            ]
+
+        if self._curvature == "grad_diff":
+            hvp = _curv.hvp_from_grad(grad_at, self._curvature_h)
+        else:
+
+            def hvp(x: list[torch.Tensor], v: list[torch.Tensor]) -> list[torch.Tensor]:
+                for p, xi in zip(params, x):
+                    p.copy_(xi)
+                with torch.enable_grad():
+                    loss = closure()
+                    gs = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                    pairs = [(g, vi) for g, vi in zip(gs, v) if g is not None]
+                    dot = sum((g * vi).sum() for g, vi in pairs)
+                    hv = torch.autograd.grad(dot, params, allow_unused=True)
+                return [
+                    h.detach() if h is not None else torch.zeros_like(p) for h, p in zip(hv, params)
+                ]
+
+        v0 = draw_normals(params, self._generator)
+        res = _curv.min_curvature(hvp, saved_p, iters=self._curvature_iters, v0=v0)
+        for p, x, g in zip(params, saved_p, saved_g):
+            p.copy_(x)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)
+        return _curv.is_strict_saddle(res.value, self._curvature_gamma)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One PSD step. ``closure`` (optional) re-evaluates the loss and its gradients;
+        it is required for the curvature check."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params, grads, group_index = self._collect()
+        if not params:
+            return loss
+        cfg = self._config
+        state = self.psd_state
+        if state is None:
+            state = psd_init(params[0], cfg, acc_dtype=tree_acc_dtype(grads))
+        dev = state.count.device
+        g2 = global_sq_norm(grads, foreach=self._foreach, device=dev)
+        dim = sum(int(p.numel()) for p in params)
+
+        saddle = None
+        if self._curvature is not None:
+            if closure is None:
+                raise RuntimeError("PSD(curvature=...) needs step(closure) to probe the curvature")
+            gate = psd_gate(g2, state, cfg)
+            fin, opn = host_values(gate.finite, gate.open)
+            if fin and opn:
+                saddle = self._saddle_test(closure, params, grads)
+            else:
+                saddle = torch.zeros((), dtype=torch.bool, device=dev)
+
+        one = torch.ones((), dtype=g2.dtype, device=dev)
+        groups_used = sorted(set(group_index))
+        coeffs = {}
+        new_state = None
+        for gi in groups_used:
+            c, s = psd_coefficients(
+                g2,
+                state,
+                cfg,
+                dim=dim,
+                noise_sq_norm=one,  # placeholder: only the noise coefficient depends on the draws
+                uniform=one,
+                saddle=saddle,
+                learning_rate=self.param_groups[gi]["lr"],
+            )
+            coeffs[gi] = c
+            if new_state is None:
+                new_state = s
+        assert new_state is not None
+        c0 = coeffs[groups_used[0]]
+        vals = host_values(
+            c0.finite, c0.perturb, c0.noise, *[coeffs[gi].grad for gi in groups_used]
+        )
+        finite, perturb, noise_coef = bool(vals[0]), bool(vals[1]), vals[2]
+        grad_coef = dict(zip(groups_used, vals[3:]))
+        self._set_psd_state(new_state)
+        if not finite:
+            return loss  # skipped: parameters untouched, the core counted it
+
+        normals = None
+        if perturb:
+            normals, uniform = self._draw(params)
+            if cfg.noise == "ball":
+                nsq = global_sq_norm(normals, foreach=self._foreach, device=dev)
+                c_real, _ = psd_coefficients(
+                    g2,
+                    state,
+                    cfg,
+                    dim=dim,
+                    noise_sq_norm=nsq,
+                    uniform=uniform,
+                    saddle=saddle,
+                    learning_rate=self.param_groups[groups_used[0]]["lr"],
+                )
+                noise_coef = host_values(c_real.noise)[0]
+
+        for gi in groups_used:
+            idx = [i for i, g in enumerate(group_index) if g == gi]
+            ps = [params[i] for i in idx]
+            gs = [grads[i] for i in idx]
+            zs = [normals[i] for i in idx] if normals is not None else ps
+            a = grad_coef[gi]
+            for _, (bp, bg, bz) in group_by_device_dtype(ps, gs, zs).items():
+                # Noise first, then the gradient step (PSDTorch's order for step_on_perturb).
+                if normals is not None and noise_coef != 0.0:
+                    foreach_add_(bp, bz, noise_coef, foreach=self._foreach)
+                if a != 0.0:
+                    foreach_add_(bp, bg, a, foreach=self._foreach)
+        return loss

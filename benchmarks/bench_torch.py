@@ -1,0 +1,228 @@
+"""Step-time and memory benchmark of the PyTorch optimizers, side by side in one run.
+
+Measures, on ``--params`` float32 parameters split into ``--tensors`` tensors with
+gradients pre-filled, the median time of ``--steps`` optimizer steps (after
+``--warmup`` steps) and reports it as a ratio to ``torch.optim.SGD(foreach=True)``
+(``PerturbedAdam`` also against ``torch.optim.Adam(foreach=True)``), plus the extra
+memory each optimizer holds (bytes of all tensors in ``optimizer.state``) relative to
+the parameter bytes.
+
+SAM-SPS variants run ``step(closure)`` with a closure that only re-attaches the
+pre-filled gradients and returns a constant loss, so the time is the optimizer's
+work (both passes) without forward/backward.
+
+Usage::
+
+    python benchmarks/bench_torch.py                      # 10M params, 100 tensors
+    python benchmarks/bench_torch.py --params 1000000 --tensors 10 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def make_params(n: int, k: int, device: str) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    sizes = [n // k] * k
+    sizes[-1] += n - sum(sizes)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in sizes]
+    grads = [1e-3 * torch.randn(s, generator=g).to(device) for s in sizes]
+    return params, grads
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+
+    def visit(v: Any) -> None:
+        nonlocal total
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+        elif isinstance(v, list | tuple):
+            for x in v:
+                visit(x)
+
+    for v in opt.state.values():
+        visit(v)
+    return total
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=int, default=10_000_000)
+    ap.add_argument("--tensors", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    from psd_torch import PSD, PerturbedAdam
+
+    cases: list[tuple[str, str, Callable[[list[torch.nn.Parameter]], Any], str]] = []
+    # (name, baseline key, factory, mode)
+    cases.append(
+        (
+            "torch.optim.SGD(foreach=True)",
+            "sgd",
+            lambda ps: torch.optim.SGD(ps, lr=1e-3, foreach=True),
+            "plain",
+        )
+    )
+    cases.append(
+        (
+            "torch.optim.Adam(foreach=True)",
+            "sgd",
+            lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+            "plain",
+        )
+    )
+    cases.append(
+        (
+            "psd_torch.PSD (gate closed)",
+            "sgd",
+            lambda ps: PSD(ps, lr=1e-3, epsilon=0.0, radius=1e-3, seed=0),
+            "plain",
+        )
+    )
+    cases.append(
+        (
+            "psd_torch.PSD (perturbs every step, ball)",
+            "sgd",
+            lambda ps: PSD(ps, lr=1e-3, epsilon=1e9, radius=1e-3, episode_length=0, seed=0),
+            "plain",
+        )
+    )
+    cases.append(
+        (
+            "psd_torch.PerturbedAdam (no perturbation)",
+            "adam",
+            lambda ps: PerturbedAdam(ps, lr=1e-3, g_thres=0.0, seed=0),
+            "plain",
+        )
+    )
+    try:
+        from psd_torch import SAM_SPS
+
+        cases.append(
+            ("psd_torch.SAM_SPS (optimizer work)", "sgd", lambda ps: SAM_SPS(ps), "closure")
+        )
+    except Exception as exc:  # the SAM_SPS adapter is written separately
+        print(f"# psd_torch.SAM_SPS not importable: {exc!r}")
+    try:
+        from psd.framework_optimizers import PSDTorch
+
+        cases.append(
+            (
+                "published psd PSDTorch (gate closed)",
+                "sgd",
+                lambda ps: PSDTorch(ps, lr=1e-3, g_thres=0.0, r=1e-3, max_grad_norm=None),
+                "plain",
+            )
+        )
+    except Exception as exc:
+        print(f"# psd.framework_optimizers.PSDTorch not importable: {exc!r}")
+    try:
+        import psd_optimizer
+
+        cases.append(
+            (
+                "published psd_optimizer.PerturbedAdam",
+                "adam",
+                lambda ps: psd_optimizer.PerturbedAdam(ps, lr=1e-3, g_thres=1e-12),
+                "plain",
+            )
+        )
+    except Exception as exc:
+        print(f"# psd_optimizer not importable: {exc!r}")
+    try:
+        import sam_sps
+
+        cases.append(
+            (
+                "published sam_sps.SAM_SPS (optimizer work)",
+                "sgd",
+                lambda ps: sam_sps.SAM_SPS(ps),
+                "closure",
+            )
+        )
+    except Exception as exc:
+        print(f"# sam_sps not importable: {exc!r}")
+
+    # All optimizers are built first and timed in interleaved rounds (one step of each per
+    # round), so that background load affects every row alike.
+    param_bytes = args.params * 4
+    steppers: dict[str, Callable[[], None]] = {}
+    mem: dict[str, float] = {}
+    for name, _, factory, mode in cases:
+        params, grads = make_params(args.params, args.tensors, args.device)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt = factory(params)
+        if mode == "closure":
+            loss = torch.tensor(1.0, device=args.device)
+
+            def closure(
+                params: list[torch.nn.Parameter] = params,
+                grads: list[torch.Tensor] = grads,
+                loss: torch.Tensor = loss,
+            ) -> torch.Tensor:
+                for p, g in zip(params, grads):
+                    p.grad = g
+                return loss
+
+            def step(opt: Any = opt, closure: Callable[[], torch.Tensor] = closure) -> None:
+                opt.step(closure)
+
+        else:
+
+            def step(opt: Any = opt) -> None:
+                opt.step()
+
+        for _ in range(args.warmup):
+            step()
+        steppers[name] = step
+        mem[name] = state_bytes(opt) / param_bytes
+    samples: dict[str, list[float]] = {name: [] for name in steppers}
+    for _ in range(args.steps):
+        for name, step in steppers.items():
+            sync(args.device)
+            t0 = time.perf_counter()
+            step()
+            sync(args.device)
+            samples[name].append(time.perf_counter() - t0)
+    times = {name: statistics.median(v) for name, v in samples.items()}
+
+    sgd = times[cases[0][0]]
+    adam = times[cases[1][0]]
+    threads = torch.get_num_threads()
+    print(
+        f"\n{args.params:,} float32 parameters in {args.tensors} tensors, device={args.device}, "
+        f"torch {torch.__version__}, {threads} threads, median of {args.steps} interleaved steps after {args.warmup} warmup; load average {os.getloadavg()[0]:.1f}\n"
+    )
+    print(
+        "| optimizer | step (ms) | x SGD(foreach) | x Adam(foreach) | extra state / param bytes |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for name, base, _, _ in cases:
+        t = times[name]
+        vs_adam = f"{t / adam:.2f}" if base == "adam" or "Adam" in name else ""
+        print(f"| {name} | {t * 1e3:.1f} | {t / sgd:.2f} | {vs_adam} | {mem[name]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
