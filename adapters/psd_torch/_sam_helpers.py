@@ -1,0 +1,284 @@
+"""Private helpers of :class:`psd_torch.SAM_SPS` (data movement only; no math).
+
+* buckets of parallel tensor lists by ``(device, dtype)`` for ``torch._foreach_*``;
+* in-place primitives with a ``foreach`` switch (per-tensor fallback);
+* global squared norms and dot products accumulated in float32 or better, without
+  reading anything on the host;
+* ``torch.amp.GradScaler`` bookkeeping for the two backward passes of one step;
+* saving / restoring BatchNorm running statistics around the second pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "acc_dtype",
+    "addcmul_",
+    "add_",
+    "bucket",
+    "copy_",
+    "frozen_running_stats",
+    "global_dot",
+    "global_dot_diff",
+    "global_sq_norm",
+    "mul_",
+    "sanitize_",
+    "scaler_found_inf",
+    "scaler_merge_found_inf",
+    "scaler_reset",
+    "sub_",
+]
+
+Bucket = tuple[list[torch.Tensor], ...]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Reduction dtype for leaves of ``dtype``: float32 for floats narrower than 32 bits."""
+    if dtype.is_floating_point and torch.finfo(dtype).bits < 32:
+        return torch.float32
+    return dtype
+
+
+def bucket(*lists: Sequence[torch.Tensor]) -> list[Bucket]:
+    """Split parallel lists into buckets keyed by the first list's ``(device, dtype)``
+    (deterministic order: buckets in order of their first member)."""
+    out: dict[tuple[torch.device, torch.dtype], Bucket] = {}
+    for items in zip(*lists):
+        key = (items[0].device, items[0].dtype)
+        if key not in out:
+            out[key] = tuple([] for _ in lists)
+        for b, t in zip(out[key], items):
+            b.append(t)
+    return list(out.values())
+
+
+# ---------------------------------------------------------------- in-place primitives
+def mul_(xs: list[torch.Tensor], c: torch.Tensor, foreach: bool) -> None:
+    """``x *= c`` (0-d tensor ``c``)."""
+    if foreach:
+        torch._foreach_mul_(xs, c)
+    else:
+        for x in xs:
+            x.mul_(c)
+
+
+def add_(xs: list[torch.Tensor], ys: list[torch.Tensor], foreach: bool) -> None:
+    if foreach:
+        torch._foreach_add_(xs, ys)
+    else:
+        for x, y in zip(xs, ys):
+            x.add_(y)
+
+
+def sub_(xs: list[torch.Tensor], ys: list[torch.Tensor], foreach: bool) -> None:
+    if foreach:
+        torch._foreach_sub_(xs, ys)
+    else:
+        for x, y in zip(xs, ys):
+            x.sub_(y)
+
+
+def addcmul_(
+    xs: list[torch.Tensor], ys: list[torch.Tensor], c: torch.Tensor, foreach: bool
+) -> None:
+    """``x += c * y`` with a 0-d tensor ``c`` (no host read, no temporary)."""
+    if foreach:
+        torch._foreach_addcmul_(xs, ys, [c] * len(xs))
+    else:
+        for x, y in zip(xs, ys):
+            x.addcmul_(y, c)
+
+
+def copy_(xs: list[torch.Tensor], ys: list[torch.Tensor], foreach: bool) -> None:
+    if foreach:
+        torch._foreach_copy_(xs, ys)
+    else:
+        for x, y in zip(xs, ys):
+            x.copy_(y)
+
+
+def sanitize_(gs: list[torch.Tensor], keep: torch.Tensor) -> None:
+    """Zero the gradients in place unless ``keep`` (0-d bool) holds.
+
+    A coefficient of 0 does not neutralise a non-finite gradient (``0 * NaN`` is NaN),
+    so before applying ``x += c * g`` the adapter zeroes ``g`` when the step is
+    skipped. On CUDA (and any non-CPU device) this is ``torch.where(keep, g, 0)``
+    written in place, with no host read; on CPU, where reading a scalar costs nothing,
+    the flag is read on the host and the gradients are only touched when the step
+    is skipped (saves a pass over the gradients).
+    """
+    if not gs:
+        return
+    if gs[0].device.type == "cpu":
+        if not bool(keep):
+            for g in gs:
+                g.zero_()
+        return
+    zero = torch.zeros((), dtype=gs[0].dtype, device=gs[0].device)
+    for g in gs:
+        torch.where(keep, g, zero, out=g)
+
+
+# ---------------------------------------------------------------- reductions
+def _sq_norm_bucket(xs: list[torch.Tensor], foreach: bool) -> torch.Tensor:
+    acc = acc_dtype(xs[0].dtype)
+    if foreach:
+        norms = torch._foreach_norm(xs, 2, dtype=acc)
+    else:
+        norms = [torch.linalg.vector_norm(x, dtype=acc) for x in xs]
+    return torch.stack(norms).square().sum()
+
+
+def global_sq_norm(
+    xs: list[torch.Tensor], out_dtype: torch.dtype, device: torch.device, foreach: bool
+) -> torch.Tensor:
+    """:math:`\\sum_i \\|x_i\\|^2` as a 0-d ``out_dtype`` tensor on ``device``."""
+    total = torch.zeros((), dtype=out_dtype, device=device)
+    for (b,) in bucket(xs):
+        total = total + _sq_norm_bucket(b, foreach).to(device=device, dtype=out_dtype)
+    return total
+
+
+def _dot_diff(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``<g, a - b>``; the difference is one temporary the size of this tensor."""
+    acc = acc_dtype(g.dtype)
+    if acc != g.dtype:  # float16/bfloat16: differences, products and sums in float32
+        return torch.sum(g.to(acc) * (a.to(acc) - b.to(acc)))
+    d = a - b
+    if g.is_contiguous() and d.is_contiguous():
+        return torch.dot(g.view(-1), d.view(-1))
+    return torch.sum(g * d)
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    acc = acc_dtype(x.dtype)
+    if acc != x.dtype:  # float16/bfloat16: products and sums in float32
+        return torch.sum(x.to(acc) * y.to(acc))
+    if x.is_contiguous() and y.is_contiguous():
+        return torch.dot(x.view(-1), y.view(-1))
+    return torch.sum(x * y)
+
+
+def global_dot(
+    xs: list[torch.Tensor], ys: list[torch.Tensor], out_dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """:math:`\\sum_i \\langle x_i, y_i\\rangle` (0-d, ``out_dtype``, on ``device``; no temporaries
+    for float32/float64)."""
+    total = torch.zeros((), dtype=out_dtype, device=device)
+    for bx, by in bucket(xs, ys):
+        part = torch.stack([_dot(x, y) for x, y in zip(bx, by)]).sum()
+        total = total + part.to(device=device, dtype=out_dtype)
+    return total
+
+
+def global_dot_diff(
+    gs: list[torch.Tensor],
+    as_: list[torch.Tensor],
+    bs: list[torch.Tensor],
+    out_dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """:math:`\\sum_i \\langle g_i, a_i - b_i\\rangle` (0-d, ``out_dtype``, on ``device``)."""
+    total = torch.zeros((), dtype=out_dtype, device=device)
+    for bg, ba, bb in bucket(gs, as_, bs):
+        part = torch.stack([_dot_diff(g, a, b) for g, a, b in zip(bg, ba, bb)]).sum()
+        total = total + part.to(device=device, dtype=out_dtype)
+    return total
+
+
+# ---------------------------------------------------------------- GradScaler
+# ``torch.amp.GradScaler`` supports one ``unscale_`` per optimizer between two
+# ``update()`` calls. A SAM step has two backward passes, each scaled, so the
+# optimizer unscales each pass itself: ``scaler.unscale_(opt)`` (public) after each
+# pass, with the per-optimizer record reset in between (private attribute
+# ``_per_optimizer_states``), and the first pass's inf flag added into the second
+# pass's record so that ``scaler.update()`` backs off when *either* pass overflowed.
+
+
+def _opt_state(scaler: Any, optimizer: torch.optim.Optimizer) -> dict:
+    return scaler._per_optimizer_states[id(optimizer)]
+
+
+def scaler_found_inf(
+    scaler: Any, optimizer: torch.optim.Optimizer, device: torch.device
+) -> torch.Tensor | None:
+    """Unscale the optimizer's gradients (unless the user already called
+    ``scaler.unscale_(opt)``, e.g. to clip) and return the inf/NaN flag (0-d float32,
+    1 when found) on ``device``. ``None`` for no scaler or a disabled one."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    from torch.amp.grad_scaler import OptState
+
+    state = _opt_state(scaler, optimizer)
+    if state["stage"] is OptState.STEPPED:
+        raise RuntimeError(
+            "SAM_SPS: scaler.step(optimizer) must not be used; call second_step(..., scaler=scaler)"
+        )
+    if state["stage"] is not OptState.UNSCALED:
+        scaler.unscale_(optimizer)
+        state = _opt_state(scaler, optimizer)
+    found = torch.zeros((), dtype=torch.float32, device=device)
+    for v in state["found_inf_per_device"].values():
+        found = found + v.to(device=device, dtype=torch.float32)
+    return found
+
+
+def scaler_reset(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Forget the first pass's unscale record so that the second pass can unscale."""
+    if scaler is None or not scaler.is_enabled():
+        return
+    from torch.amp.grad_scaler import _refresh_per_optimizer_state
+
+    scaler._per_optimizer_states[id(optimizer)] = _refresh_per_optimizer_state()
+
+
+def scaler_merge_found_inf(
+    scaler: Any, optimizer: torch.optim.Optimizer, found: torch.Tensor
+) -> None:
+    """Add ``found`` (the first pass's flag) into the recorded flags read by ``update()``."""
+    if scaler is None or not scaler.is_enabled():
+        return
+    per_dev = _opt_state(scaler, optimizer)["found_inf_per_device"]
+    if not per_dev:
+        per_dev[found.device] = found.clone()
+        return
+    for v in per_dev.values():
+        v.add_(found.to(device=v.device, dtype=v.dtype))
+
+
+# ---------------------------------------------------------------- BatchNorm
+def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and m.running_mean is not None
+    ]
+
+
+@contextmanager
+def frozen_running_stats(model: nn.Module | None) -> Iterator[None]:
+    """Save the running statistics of every BatchNorm module of ``model`` and copy them
+    back on exit (in place, so compiled modules and DDP buffers keep their tensors)."""
+    if model is None:
+        yield
+        return
+    saved = []
+    with torch.no_grad():
+        for m in _bn_modules(model):
+            bufs = [m.running_mean, m.running_var, m.num_batches_tracked]
+            saved.append([(b, b.clone()) for b in bufs if b is not None])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for entries in saved:
+                for buf, copy in entries:
+                    buf.copy_(copy)

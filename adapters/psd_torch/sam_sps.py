@@ -1,0 +1,551 @@
+r"""SAM / USAM with the stochastic Polyak step size as a ``torch.optim.Optimizer``.
+
+Drop-in replacement for ``sam_sps.SAM_SPS`` (same arguments, defaults, closure
+protocol and ``group['lr']`` reporting) whose math comes from
+:mod:`psd_core.polyak`:
+
+* the offset scale :math:`c` with :math:`e - x = c\,g` is
+  :func:`psd_core.polyak.sam_perturbation_scale`;
+* the Polyak step size, the descent coefficients and the finiteness decision are
+  :func:`psd_core.polyak.sam_sps_coefficients`;
+* this module only computes the global reductions (``torch._foreach_norm`` and dot
+  products, float32 or better), moves parameters to :math:`e` and back, and applies
+  the core's coefficients in place with ``torch._foreach_*`` ops grouped by
+  ``(device, dtype)`` (``foreach=False``: a per-tensor loop).
+
+Nothing in :meth:`SAM_SPS.step`, :meth:`~SAM_SPS.first_step` or
+:meth:`~SAM_SPS.second_step` reads a tensor on the host: the step size is a 0-d
+tensor stored in every group's ``lr``, the skip decision is a ``torch.where``.
+
+Extra state: one buffer per parameter (reused every step), i.e. 1x the parameter
+bytes; it is not written to ``state_dict()``. What it holds is the ``restore`` option:
+
+* ``"copy"`` (default): :math:`x` itself. Moving back is a copy, so :math:`x` is
+  recovered bit-exactly (skipped steps leave the parameters untouched bit for bit,
+  and DDP ranks with different per-rank offsets cannot drift apart). The inner
+  product uses the offset actually applied, :math:`\mathrm{fl}(e) - x` (one
+  temporary per tensor while reducing).
+* ``"subtract"`` (the reference's arithmetic): the offset :math:`c\,g`; the inner
+  product uses it exactly as the core and ``sam_sps.SAM_SPS`` do, and moving back
+  subtracts it, which recovers :math:`x` up to one rounding. Use it to reproduce the
+  reference in float32 to the last bits; not allowed with ``first_pass="per_rank"``.
+
+Per-group hyperparameters. The perturbation uses the *global* first-pass gradient
+norm; a group's ``rho`` and ``lambd`` give that group's offset scale
+:math:`c_k = \rho_k(1-\lambda_k+\lambda_k/\|g\|)`. The Polyak numerator and
+denominator are global (loss at :math:`e`,
+:math:`\sum_k\langle\nabla f(e)_k, e_k - x_k\rangle`,
+:math:`\|\nabla f(e)\|^2`); a group's ``f_star``, ``gamma_b``, ``variant`` and
+``weight_decay`` give that group's step size :math:`\gamma_k` and decay (so
+``gamma_b`` acts as a per-group cap). With one group (the usual case) this is
+exactly the published algorithm.
+
+Non-finite policy (the core's): when the loss at :math:`x` (if given) or at
+:math:`e`, either gradient norm, or a ``GradScaler`` inf check is not finite, the
+step is skipped: no perturbation is applied when the first pass is bad, the
+parameters are copied back to :math:`x`, the update is exactly zero, and
+:attr:`SAM_SPS.skipped` counts it. No NaN is written to parameters or state (the
+non-finite gradients of a skipped step are zeroed in place).
+
+Host reads: none on CUDA/other devices. On CPU, where a host read is free, the
+finiteness flag is read to skip a masking pass (see ``_sam_helpers.sanitize_``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from psd_core.polyak import (
+    SAMSPSCoefficients,
+    SAMSPSConfig,
+    sam_perturbation_scale,
+    sam_sps_coefficients,
+    sam_sps_config,
+)
+from psd_core.validation import check_choice, check_int
+
+from . import _sam_helpers as H
+
+__all__ = ["SAM_SPS"]
+
+_HYPER = ("rho", "lambd", "f_star", "gamma_b", "weight_decay", "variant")
+_FIRST_PASS = ("global", "per_rank")
+
+
+class SAM_SPS(torch.optim.Optimizer):
+    r"""SAM / USAM with the stochastic Polyak step size (Oikonomou & Loizou, 2025).
+
+    .. math::
+        e = x + \rho(1-\lambda+\lambda/\|g\|)\,g,\quad
+        \gamma = \min\{[f(e)-\ell^*-\langle\nabla f(e), e-x\rangle]_+/\|\nabla f(e)\|^2,\ \gamma_b\},\quad
+        x^+ = x - \gamma(\nabla f(e) + w\,x)
+
+    Args:
+        params: parameters or parameter-group dicts (groups may override every
+            hyperparameter below except ``interval``, ``first_pass``, ``distributed``
+            and ``foreach``).
+        weight_decay: L2 coefficient :math:`w \ge 0` in the descent step (the step size
+            is computed from the unregularized loss, as published).
+        rho: perturbation radius :math:`\rho \ge 0`; ``0`` gives SPS_max.
+        lambd: :math:`\lambda\in[0,1]`; ``0`` USAM, ``1`` SAM.
+        f_star: lower bound :math:`\ell^*` of the mini-batch loss.
+        gamma_b: upper bound :math:`\gamma_b \ge 0` of the step size.
+        variant: ``"sps+"`` (the paper, numerator clipped at 0) or ``"sps"``.
+        interval: perturb every ``interval``-th step; the other steps are plain
+            SPS_max steps with one gradient evaluation (``1``: every step).
+        restore: ``"copy"`` or ``"subtract"`` (see the module docstring).
+        first_pass: with DDP, ``"global"`` (default) perturbs along the all-reduced
+            first-pass gradient; ``"per_rank"`` along each rank's own gradient, the
+            first pass then running under ``model.no_sync()`` (see
+            :meth:`first_pass`).
+        distributed: all-reduce the scalars of the step size (loss at :math:`e`, the
+            inner product, the first-pass finiteness flag) over ``process_group`` so
+            that every rank takes the same step. ``None`` (default): when
+            ``torch.distributed`` is initialized with more than one process.
+        process_group: the group for that reduction (default: the world).
+        foreach: ``None``/``True`` use ``torch._foreach_*`` ops; ``False`` a loop.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        weight_decay: float = 5e-4,
+        rho: float = 0.1,
+        lambd: float = 1.0,
+        f_star: float = 0.0,
+        gamma_b: float = 1.0,
+        *,
+        variant: str = "sps+",
+        interval: int = 1,
+        restore: str = "copy",
+        first_pass: str = "global",
+        distributed: bool | None = None,
+        process_group: Any = None,
+        foreach: bool | None = None,
+    ) -> None:
+        if isinstance(params, torch.Tensor):
+            raise TypeError(
+                "params must be an iterable of Tensors or dicts, got a single "
+                f"{torch.typename(params)}"
+            )
+        params = list(params)
+        if not params:
+            raise ValueError("params: SAM_SPS got an empty parameter list")
+        cfg = sam_sps_config(rho, lambd, f_star, gamma_b, weight_decay, variant)
+        self.interval = check_int("interval", interval, 1)
+        self.first_pass_mode = check_choice("first_pass", first_pass, _FIRST_PASS)
+        self.restore = check_choice("restore", restore, ("copy", "subtract"))
+        if self.restore == "subtract" and self.first_pass_mode == "per_rank":
+            raise ValueError(
+                "restore: 'subtract' recovers x only up to a rounding, so ranks with "
+                "per-rank offsets would drift apart; use restore='copy' with "
+                "first_pass='per_rank'"
+            )
+        if distributed is not None and not isinstance(distributed, bool):
+            raise TypeError(f"distributed must be a bool or None, got {distributed!r}")
+        self.distributed = distributed
+        self.process_group = process_group
+        self.foreach = True if foreach is None else bool(foreach)
+        defaults = dict(cfg._asdict(), lr=cfg.gamma_b)
+        super().__init__(params, defaults)
+        self._calls = 0  # step calls so far (host int: decides the interval)
+        self._count: torch.Tensor | None = None
+        self._skipped: torch.Tensor | None = None
+        self._pending: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------ configuration
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        cfg = sam_sps_config(*(group[k] for k in _HYPER))
+        group.update(cfg._asdict())
+        if not group["params"]:
+            raise ValueError("params: a parameter group has an empty parameter list")
+
+    @staticmethod
+    def _config(group: dict[str, Any]) -> SAMSPSConfig:
+        return SAMSPSConfig(*(group[k] for k in _HYPER))
+
+    def _anchor(self) -> torch.Tensor:
+        return self.param_groups[0]["params"][0]
+
+    def _acc_dtype(self) -> torch.dtype:
+        dts = {H.acc_dtype(p.dtype) for g in self.param_groups for p in g["params"]}
+        return torch.float64 if torch.float64 in dts else torch.float32
+
+    def _ensure_counters(self) -> None:
+        if self._count is None:
+            dev = self._anchor().device
+            self._count = torch.zeros((), dtype=torch.int64, device=dev)
+            self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
+
+    def _world(self) -> int:
+        if self.distributed is False:
+            return 1
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            if self.distributed:
+                raise RuntimeError(
+                    "SAM_SPS(distributed=True) but torch.distributed is not initialized"
+                )
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    # ------------------------------------------------------------ public read-outs
+    @property
+    def step_size(self) -> Any:
+        """The last Polyak step size of the first group (a 0-d tensor after the first
+        step; reading it with ``float()``/``.item()`` is the caller's sync)."""
+        return self.param_groups[0]["lr"]
+
+    @property
+    def steps(self) -> torch.Tensor:
+        """Number of steps taken (not skipped), a 0-d int64 tensor."""
+        self._ensure_counters()
+        assert self._count is not None
+        return self._count
+
+    @property
+    def skipped(self) -> torch.Tensor:
+        """Number of skipped (non-finite) steps, a 0-d int64 tensor."""
+        self._ensure_counters()
+        assert self._skipped is not None
+        return self._skipped
+
+    @property
+    def perturbs_next(self) -> bool:
+        """Whether the next step perturbs (host-side: follows ``interval``)."""
+        return self._calls % self.interval == 0
+
+    # ------------------------------------------------------------ pass helpers
+    def first_pass(self, model: nn.Module | None = None) -> Any:
+        """Context for the first forward/backward: ``model.no_sync()`` when
+        ``first_pass="per_rank"``, ``model`` has ``no_sync`` (DDP) and this step
+        perturbs; otherwise a no-op."""
+        if (
+            model is not None
+            and self.first_pass_mode == "per_rank"
+            and self.perturbs_next
+            and hasattr(model, "no_sync")
+        ):
+            return model.no_sync()
+        return nullcontext()
+
+    def second_pass(self, model: nn.Module | None = None) -> Any:
+        """Context for the second forward/backward: the running statistics of every
+        BatchNorm module of ``model`` are saved on entry and restored on exit, so
+        only the first pass updates them. ``model=None``: a no-op (the reference
+        behaviour, where both passes update them)."""
+        return H.frozen_running_stats(model)
+
+    # ------------------------------------------------------------ closure API
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        model: nn.Module | None = None,
+        scaler: Any = None,
+    ) -> Any:
+        """One SAM-SPS step; ``closure`` computes the loss and calls ``backward()``
+        (gradients are zeroed by the optimizer before each pass). Returns the loss at
+        the perturbed point (at ``x`` on a non-perturbing ``interval`` step).
+
+        ``model``: enables :meth:`first_pass` (DDP ``no_sync``) and :meth:`second_pass`
+        (BatchNorm protection). ``scaler``: a ``torch.amp.GradScaler``; the closure
+        must then call ``scaler.scale(loss).backward()`` and return the *unscaled*
+        loss; call ``scaler.update()`` after the step.
+        """
+        if closure is None:
+            raise ValueError(
+                "closure: SAM_SPS.step() needs a closure (or use first_step()/second_step())"
+            )
+        closure = torch.enable_grad()(closure)
+        self.zero_grad(set_to_none=True)
+        with self.first_pass(model):
+            loss = closure()
+        if not self.first_step(loss, scaler=scaler):
+            return loss
+        with self.second_pass(model):
+            loss_e = closure()
+        self.second_step(loss_e, scaler=scaler)
+        return loss_e
+
+    # ------------------------------------------------------------ two-pass API
+    def _grad_lists(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
+        out = []
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            for p in ps:
+                if p.grad.is_sparse:
+                    raise RuntimeError("SAM_SPS does not support sparse gradients")
+            out.append((group, ps, [p.grad for p in ps]))
+        return out
+
+    @property
+    def _key(self) -> str:
+        return "x" if self.restore == "copy" else "offset"
+
+    def _buffers(self, ps: list[torch.Tensor]) -> list[torch.Tensor]:
+        bufs = []
+        key = self._key
+        for p in ps:
+            st = self.state[p]
+            if key not in st:
+                st[key] = torch.empty_like(p, memory_format=torch.preserve_format)
+            bufs.append(st[key])
+        return bufs
+
+    def _loss_scalar(self, loss: Any, like: torch.Tensor) -> torch.Tensor:
+        if isinstance(loss, torch.Tensor):
+            return loss.detach().reshape(()).to(device=like.device, dtype=like.dtype)
+        return torch.as_tensor(float(loss), dtype=like.dtype, device=like.device)
+
+    def _all_reduce_mean(self, values: list[torch.Tensor], world: int) -> list[torch.Tensor]:
+        """Mean over ranks of a few 0-d tensors, in one collective."""
+        import torch.distributed as dist
+
+        packed = torch.stack(values)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.process_group)
+        packed = packed / world
+        return list(packed.unbind(0))
+
+    @torch.no_grad()
+    def first_step(self, loss: Any = None, *, scaler: Any = None) -> bool:
+        """After the first backward (gradients at :math:`x`).
+
+        On a perturbing step: saves :math:`x`, moves the parameters to
+        :math:`e = x + c\\,g` (``c`` from
+        :func:`psd_core.polyak.sam_perturbation_scale`), sets every gradient to ``None`` and returns ``True``: run the
+        second forward/backward, then :meth:`second_step`. On a non-perturbing
+        ``interval`` step: takes the SPS_max step from ``loss`` (required then) and
+        returns ``False``.
+
+        ``loss``: the (unscaled, accumulated) loss at :math:`x`; optional on
+        perturbing steps, where it only feeds the non-finite check.
+        ``scaler``: a ``torch.amp.GradScaler`` whose scaled loss was backpropagated;
+        the gradients are unscaled here (unless ``scaler.unscale_(opt)`` was already
+        called, e.g. for clipping).
+        """
+        if self._pending is not None:
+            raise RuntimeError("first_step() called twice without second_step()")
+        self._ensure_counters()
+        anchor = self._anchor()
+        acc = self._acc_dtype()
+        like = torch.zeros((), dtype=acc, device=anchor.device)
+        found = H.scaler_found_inf(scaler, self, anchor.device)
+        lists = self._grad_lists()
+        grads = [g for _, _, gs in lists for g in gs]
+        if not grads:
+            raise RuntimeError("first_step(): no parameter has a gradient; call backward() first")
+        g2 = H.global_sq_norm(grads, acc, anchor.device, self.foreach)
+        ok = torch.isfinite(g2)
+        if loss is not None:
+            ok = ok & torch.isfinite(self._loss_scalar(loss, like))
+        if found is not None:
+            ok = ok & (found == 0)
+
+        if not self.perturbs_next:
+            if loss is None:
+                raise ValueError(
+                    "loss: first_step() needs the loss on a non-perturbing step (interval > 1)"
+                )
+            self._plain_step(lists, self._loss_scalar(loss, like), g2, ok)
+            self._calls += 1
+            return False
+
+        for group, ps, gs in lists:
+            if not ps:
+                continue
+            c = sam_perturbation_scale(g2, group["rho"], group["lambd"])
+            c = torch.where(ok, c, torch.zeros_like(c))
+            bufs = self._buffers(ps)
+            for bp, bb, bg in H.bucket(ps, bufs, gs):
+                d, dt = bp[0].device, bp[0].dtype
+                c_d = c.to(device=d, dtype=dt)
+                H.sanitize_(bg, ok.to(device=d))  # these gradients are discarded next
+                if self.restore == "copy":
+                    H.copy_(bb, bp, self.foreach)  # save x
+                    H.addcmul_(bp, bg, c_d, self.foreach)  # x -> e
+                else:
+                    H.copy_(bb, bg, self.foreach)
+                    H.mul_(bb, c_d, self.foreach)  # offset c g
+                    H.add_(bp, bb, self.foreach)  # x -> e
+        self.zero_grad(set_to_none=True)
+        H.scaler_reset(scaler, self)
+        self._pending = {
+            "ok": ok,
+            "found": found,
+            "params": [(group, ps) for group, ps, _ in lists],
+        }
+        return True
+
+    @torch.no_grad()
+    def second_step(self, loss: Any, *, scaler: Any = None) -> torch.Tensor:
+        """After the second backward (gradients at :math:`e`, same batch).
+
+        Computes :math:`\\langle\\nabla f(e), e-x\\rangle` and
+        :math:`\\|\\nabla f(e)\\|^2`, gets the step size and coefficients from
+        :func:`psd_core.polyak.sam_sps_coefficients`, copies the parameters back to
+        :math:`x` and applies :math:`x \\mathrel{+}= -\\gamma\\nabla f(e) - \\gamma w x`
+        in place (zero when the step is skipped). ``loss``: the (unscaled,
+        accumulated) loss at :math:`e`. Returns the step size of the first group (0-d).
+        """
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("second_step() called without first_step()")
+        self._pending = None
+        anchor = self._anchor()
+        acc = self._acc_dtype()
+        dev = anchor.device
+        like = torch.zeros((), dtype=acc, device=dev)
+        found2 = H.scaler_found_inf(scaler, self, dev)
+
+        # Gradients at e; a parameter perturbed in the first pass without a gradient
+        # now is moved back and left alone.
+        per_group = []
+        all_ge: list[torch.Tensor] = []
+        all_e: list[torch.Tensor] = []
+        all_x: list[torch.Tensor] = []
+        for group, ps in pending["params"]:
+            bufs = [self.state[p][self._key] for p in ps]
+            with_g = [(p, b, p.grad) for p, b in zip(ps, bufs) if p.grad is not None]
+            per_group.append((group, ps, bufs, with_g))
+            all_ge.extend(g for _, _, g in with_g)
+            all_e.extend(p for p, _, _ in with_g)
+            all_x.extend(b for _, b, _ in with_g)
+        if all_ge:
+            ge2 = H.global_sq_norm(all_ge, acc, dev, self.foreach)
+            if self.restore == "copy":
+                inner = H.global_dot_diff(all_ge, all_e, all_x, acc, dev)  # <g_e, e - x>
+            else:
+                inner = H.global_dot(all_ge, all_x, acc, dev)  # <g_e, offset>
+        else:
+            ge2 = torch.full((), float("nan"), dtype=acc, device=dev)
+            inner = torch.zeros((), dtype=acc, device=dev)
+        loss_e = self._loss_scalar(loss, like)
+        ok1 = pending["ok"]
+        world = self._world()
+        if world > 1:
+            bad1 = (~ok1).to(acc)
+            loss_e, inner, bad1 = self._all_reduce_mean([loss_e, inner, bad1], world)
+            ok1 = bad1 == 0
+        if found2 is not None:
+            ok1 = ok1 & (found2 == 0)
+
+        cache: dict[SAMSPSConfig, SAMSPSCoefficients] = {}
+        first: SAMSPSCoefficients | None = None
+        for group, ps, bufs, with_g in per_group:
+            cfg = self._config(group)
+            if cfg not in cache:
+                cache[cfg] = sam_sps_coefficients(loss_e, ge2, inner, cfg, extra_finite=ok1)
+            co = cache[cfg]
+            first = co if first is None else first
+            group["lr"] = co.step_size
+            for bp, bb in H.bucket(ps, bufs):
+                if self.restore == "copy":
+                    H.copy_(bp, bb, self.foreach)  # back to x, bit-exactly
+                else:
+                    H.sub_(bp, bb, self.foreach)  # back to x, up to a rounding
+            if with_g:
+                self._descend([p for p, _, _ in with_g], [g for _, _, g in with_g], co, cfg)
+        assert first is not None
+        self._finish(first.finite)
+        if pending["found"] is not None:
+            H.scaler_merge_found_inf(scaler, self, pending["found"])
+        self._calls += 1
+        return first.step_size
+
+    # ------------------------------------------------------------ shared pieces
+    def _descend(
+        self,
+        ps: list[torch.Tensor],
+        gs: list[torch.Tensor],
+        co: SAMSPSCoefficients,
+        cfg: SAMSPSConfig,
+    ) -> None:
+        """``x += co.params * x + co.grad * g`` in place; ``g`` is zeroed first when
+        the step is skipped so that the update is exactly zero."""
+        for bp, bg in H.bucket(ps, gs):
+            d, dt = bp[0].device, bp[0].dtype
+            H.sanitize_(bg, co.finite.to(device=d))
+            if cfg.weight_decay != 0.0:
+                H.addcmul_(bp, bp, co.params.to(device=d, dtype=dt), self.foreach)
+            H.addcmul_(bp, bg, co.grad.to(device=d, dtype=dt), self.foreach)
+
+    def _finish(self, finite: torch.Tensor) -> None:
+        assert self._count is not None and self._skipped is not None
+        f = finite.to(self._count.device)
+        self._count.add_(f.to(torch.int64))
+        self._skipped.add_((~f).to(torch.int64))
+
+    def _plain_step(
+        self,
+        lists: list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]],
+        loss_x: torch.Tensor,
+        g2: torch.Tensor,
+        ok: torch.Tensor,
+    ) -> None:
+        """SPS_max step at ``x`` (inner product 0) on a non-perturbing step."""
+        world = self._world()
+        acc = g2.dtype
+        if world > 1:
+            bad = (~ok).to(acc)
+            loss_x, bad = self._all_reduce_mean([loss_x, bad], world)
+            ok = bad == 0
+        inner = torch.zeros((), dtype=acc, device=g2.device)
+        cache: dict[SAMSPSConfig, SAMSPSCoefficients] = {}
+        first: SAMSPSCoefficients | None = None
+        for group, ps, gs in lists:
+            cfg = self._config(group)
+            if cfg not in cache:
+                cache[cfg] = sam_sps_coefficients(loss_x, g2, inner, cfg, extra_finite=ok)
+            co = cache[cfg]
+            first = co if first is None else first
+            group["lr"] = co.step_size
+            if ps:
+                self._descend(ps, gs, co, cfg)
+        assert first is not None
+        self._finish(first.finite)
+
+    # ------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim`` state dict plus the step counters; the ``x``/``offset`` buffers are
+        scratch between steps and are not saved."""
+        if self._pending is not None:
+            raise RuntimeError(
+                "state_dict() between first_step() and second_step(): finish the step first"
+            )
+        sd = super().state_dict()
+        sd["state"] = {
+            k: {kk: vv for kk, vv in v.items() if kk not in ("x", "offset")}
+            for k, v in sd["state"].items()
+        }
+        sd["state"] = {k: v for k, v in sd["state"].items() if v}
+        self._ensure_counters()
+        assert self._count is not None and self._skipped is not None
+        sd["sam_sps"] = {
+            "calls": self._calls,
+            "count": self._count.clone(),
+            "skipped": self._skipped.clone(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("sam_sps", None)
+        super().load_state_dict(state_dict)
+        dev = self._anchor().device
+        for group in self.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"] = group["lr"].to(dev)
+        self._pending = None
+        if extra is not None:
+            self._calls = int(extra["calls"])
+            self._count = extra["count"].to(device=dev, dtype=torch.int64).clone()
+            self._skipped = extra["skipped"].to(device=dev, dtype=torch.int64).clone()
