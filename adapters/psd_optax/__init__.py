@@ -1,1 +1,34 @@
-"""Optax adapter for psd_core (optax.GradientTransformation factories). Filled by the psd_optax issue."""
+"""Optax adapter for :mod:`psd_core`: ``optax.GradientTransformation`` factories.
+
+* :func:`psd` / :func:`from_theory` — perturbed saddle-escape descent;
+* :func:`perturbed_adam` — PerturbedAdam (psd-optimizer semantics, global gate);
+* :func:`sam_sps` — SAM / USAM with the stochastic Polyak step size
+  (an ``optax.GradientTransformationExtraArgs``).
+
+All the math (gates, state machines, coefficients, the non-finite policy) comes from
+:mod:`psd_core`; this package flattens pytrees, keeps the PRNG key in the state,
+draws noise with ``jax.random`` only on perturbing steps (``jax.lax.cond``) and
+returns optax updates. Everything is jit-able, vmap-able and works with sharded
+parameters. See ``docs/guides/optax.md``.
+"""
+
+from __future__ import annotations
+
+from psd_core.polyak import SAMSPSState
+
+from ._adam import PerturbedAdamState, perturbed_adam
+from ._common import NoiseFn, gaussian_noise
+from ._psd import PSDState, from_theory, psd
+from ._sam_sps import sam_sps
+
+__all__ = [
+    "NoiseFn",
+    "PSDState",
+    "PerturbedAdamState",
+    "SAMSPSState",
+    "from_theory",
+    "gaussian_noise",
+    "perturbed_adam",
+    "psd",
+    "sam_sps",
+]

@@ -1,0 +1,188 @@
+"""PerturbedAdam as an ``optax.GradientTransformation``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from psd_core import perturbation as core
+from psd_core._array import tree_select, tree_size, tree_sq_norm
+from psd_core.validation import check_nonnegative
+
+from ._common import (
+    NoiseFn,
+    _concrete,
+    _is_traced,
+    check_seed,
+    draws_if,
+    gaussian_noise,
+    init_key,
+    resolve_hparams,
+)
+
+__all__ = ["PerturbedAdamState", "perturbed_adam"]
+
+_PLACEHOLDERS = {
+    "learning_rate": 0.0,
+    "b1": 0.5,
+    "b2": 0.5,
+    "eps": 1.0,
+    "g_thres": 0.0,
+    "t_thres": 0,
+    "radius": 0.0,
+}
+
+
+class PerturbedAdamState(NamedTuple):
+    """The core's :class:`psd_core.perturbation.PerturbedAdamState` plus the PRNG key;
+    ``mu`` and ``nu`` are pytrees shaped like the parameters."""
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+    small_steps: jax.Array
+    perturbations: jax.Array
+    skipped: jax.Array
+    perturbed: jax.Array
+    key: jax.Array
+
+
+def _as_psd_coeffs(c: core.AdamCoefficients) -> core.PSDCoefficients:
+    # The core's generic applier computes where(finite, a * d + b * z, 0): with
+    # a = c.step on the Adam direction d this is exactly the PerturbedAdam update.
+    return core.PSDCoefficients(grad=c.step, noise=c.noise, finite=c.finite, perturb=c.perturb)
+
+
+def perturbed_adam(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    g_thres: float = 1e-3,
+    t_thres: int = 10,
+    r: float = 1e-3,
+    *,
+    seed: int | jax.Array = 0,
+    noise: str = "gaussian",
+    noise_fn: NoiseFn | None = None,
+) -> optax.GradientTransformation:
+    r"""PerturbedAdam (psd-optimizer semantics, global gate) on any pytree.
+
+    Moments, bias corrections, the Adam direction, the gate and its coefficients
+    all come from :mod:`psd_core.perturbation` (:func:`~psd_core.perturbation.adam_moments`,
+    :func:`~psd_core.perturbation.adam_bias_corrections`,
+    :func:`~psd_core.perturbation.adam_direction`,
+    :func:`~psd_core.perturbation.perturbed_adam_coefficients`). The update is the
+    Adam step ``-lr * m_hat / (sqrt(v_hat) + eps)``; when the global norm of the
+    bias-corrected step has been at most ``g_thres`` for ``t_thres`` consecutive
+    steps it is replaced by noise of radius ``r`` (drawn only then, inside
+    ``jax.lax.cond``) and both moments are reset to zero. A step with a non-finite
+    gradient is skipped (zero update, moments and counters unchanged but
+    ``skipped``).
+
+    Args:
+        learning_rate: float, 0-d array or optax schedule of ``state.count``.
+        b1, b2, eps: Adam's constants.
+        g_thres, t_thres: the gate (see :func:`psd_core.perturbation.perturbed_adam_config`).
+        r: noise radius (standard deviation per coordinate for ``noise="gaussian"``,
+            the published default; ball radius for ``noise="ball"``).
+        seed: int seed or PRNG key of the key kept in the state.
+        noise: ``"gaussian"`` or ``"ball"``.
+        noise_fn: ``noise_fn(key, leaves) -> (normals, uniform)``; defaults to
+            :func:`psd_optax.gaussian_noise`.
+    """
+    if not _is_traced(r):
+        check_nonnegative("r", _concrete("r", r))
+    values = dict(
+        learning_rate=learning_rate,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        g_thres=g_thres,
+        t_thres=t_thres,
+        radius=r,
+        noise=noise,
+    )
+    cfg = resolve_hparams(core.perturbed_adam_config, values, _PLACEHOLDERS)
+    check_seed(seed)
+    noise_fn = gaussian_noise if noise_fn is None else noise_fn
+
+    def init_fn(params: optax.Params) -> PerturbedAdamState:
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        if not leaves:
+            raise ValueError("perturbed_adam: params has no leaves")
+        c = core.perturbed_adam_init(leaves, cfg)
+        return PerturbedAdamState(
+            count=c.count,
+            mu=jax.tree_util.tree_unflatten(treedef, c.mu),
+            nu=jax.tree_util.tree_unflatten(treedef, c.nu),
+            small_steps=c.small_steps,
+            perturbations=c.perturbations,
+            skipped=c.skipped,
+            perturbed=c.perturbed,
+            key=init_key(seed),
+        )
+
+    def update_fn(
+        updates: optax.Updates, state: PerturbedAdamState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, PerturbedAdamState]:
+        del params
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        mu = treedef.flatten_up_to(state.mu)
+        nu = treedef.flatten_up_to(state.nu)
+        cstate = core.PerturbedAdamState(
+            count=state.count,
+            mu=mu,
+            nu=nu,
+            small_steps=state.small_steps,
+            perturbations=state.perturbations,
+            skipped=state.skipped,
+            perturbed=state.perturbed,
+        )
+        dim = tree_size(leaves)
+        g2 = tree_sq_norm(leaves)
+        mu1, nu1 = core.adam_moments(leaves, mu, nu, cfg.b1, cfg.b2)
+        bc1, bc2 = core.adam_bias_corrections(state.count + 1, cfg.b1, cfg.b2, g2)
+        direction = core.adam_direction(mu1, nu1, bc1, bc2, cfg.eps)
+        s2 = tree_sq_norm(direction)
+        # The gate does not depend on the noise statistics: ask the core once with
+        # placeholder statistics whether this step perturbs, draw only then.
+        one = jnp.ones_like(s2)
+        probe, _ = core.perturbed_adam_coefficients(
+            s2, g2, cstate, cfg, dim=dim, noise_sq_norm=one, uniform=one
+        )
+        normals, noise_sq_norm, uniform, key = draws_if(
+            probe.perturb, state.key, leaves, s2, noise_fn
+        )
+        coeffs, new = core.perturbed_adam_coefficients(
+            s2,
+            g2,
+            cstate,
+            cfg,
+            dim=dim,
+            noise_sq_norm=noise_sq_norm if cfg.noise == "ball" else None,
+            uniform=uniform,
+        )
+        upd = core.psd_updates(_as_psd_coeffs(coeffs), direction, normals)
+        # Moments as in the core's vector layer: new ones on a plain finite step,
+        # zeros on a perturbation, old ones on a skipped step.
+        zeros = [jnp.zeros_like(x) for x in mu]
+        keep_new = coeffs.finite & ~coeffs.perturb
+        m = tree_select(keep_new, mu1, tree_select(coeffs.perturb, zeros, mu))
+        v = tree_select(keep_new, nu1, tree_select(coeffs.perturb, zeros, nu))
+        unflat = jax.tree_util.tree_unflatten
+        return unflat(treedef, upd), PerturbedAdamState(
+            count=new.count,
+            mu=unflat(treedef, m),
+            nu=unflat(treedef, v),
+            small_steps=new.small_steps,
+            perturbations=new.perturbations,
+            skipped=new.skipped,
+            perturbed=new.perturbed,
+            key=key,
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)

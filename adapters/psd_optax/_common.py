@@ -1,0 +1,157 @@
+"""Shared plumbing of the Optax adapter: hyperparameters, pytrees and draws.
+
+Nothing here computes optimizer math: that is :mod:`psd_core`'s job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psd_core._array import tree_acc_dtype, tree_sq_norm
+
+__all__ = [
+    "NoiseFn",
+    "check_seed",
+    "draws_if",
+    "gaussian_noise",
+    "init_key",
+    "resolve_hparams",
+]
+
+NoiseFn = Callable[[jax.Array, Sequence[jax.Array]], tuple[list[jax.Array], jax.Array]]
+"""``noise_fn(key, leaves) -> (normals, uniform)``: standard normal draws shaped and
+typed like ``leaves`` and one :math:`U(0, 1)` draw (0-d). Must be traceable."""
+
+
+def gaussian_noise(
+    key: jax.Array, leaves: Sequence[jax.Array]
+) -> tuple[list[jax.Array], jax.Array]:
+    """The default draws: one standard normal array per leaf and one uniform.
+
+    ``key`` is split into ``len(leaves) + 1`` keys; leaf ``i`` gets
+    ``jax.random.normal(keys[i], leaf.shape, leaf.dtype)`` and the uniform is
+    ``jax.random.uniform(keys[-1], (), acc_dtype)`` with ``acc_dtype`` the
+    accumulation dtype of the tree (float32 for float16/bfloat16/float32 leaves,
+    float64 for float64 leaves). Under explicit sharding each normal array is drawn
+    with its leaf's sharding (a custom ``noise_fn`` must do the same). Public so that tests and users can reproduce the
+    draws of a step exactly (see the adapter docs).
+    """
+    keys = jax.random.split(key, len(leaves) + 1)
+    normals = [
+        jax.random.normal(k, jnp.shape(x), jnp.result_type(x), out_sharding=_sharding_of(x))
+        for k, x in zip(keys[:-1], leaves)
+    ]
+    uniform = jax.random.uniform(keys[-1], (), tree_acc_dtype(list(leaves)))
+    return normals, uniform
+
+
+def _sharding_of(x: jax.Array) -> Any:
+    """The sharding in ``x``'s type (explicit-axes meshes), or ``None``.
+
+    Drawing with it keeps the draws' type equal to the leaf's, which ``lax.cond``
+    and explicit sharding require; with JAX's partitionable threefry the values do
+    not depend on the sharding.
+    """
+    s = getattr(jax.typeof(x), "sharding", None)
+    if s is None or not getattr(s, "mesh", None) or not s.mesh.axis_names:
+        return None
+    return s
+
+
+def init_key(seed: Any) -> jax.Array:
+    """A raw ``uint32[2]`` PRNG key from an int seed (or a key passed as is)."""
+    seed = _concrete("seed", seed)
+    if isinstance(seed, jax.Array | np.ndarray) and jnp.ndim(seed) > 0:
+        if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+            return jax.random.key_data(seed)
+        return jnp.asarray(seed, dtype=jnp.uint32)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"seed must be an int or a PRNG key, got {seed!r} ({type(seed).__name__})")
+    return jax.random.PRNGKey(int(seed))
+
+
+def check_seed(seed: Any) -> None:
+    """Validate ``seed`` at construction (a traced seed, from ``inject_hyperparams``
+    inside ``jit``, is only used by ``init``, which sees it concrete)."""
+    if not _is_traced(seed):
+        init_key(seed)
+
+
+def _is_traced(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _concrete(name: str, value: Any) -> Any:
+    """A concrete 0-d JAX/NumPy array as a Python scalar (``optax.inject_hyperparams``
+    hands hyperparameters over as arrays); anything else unchanged."""
+    if isinstance(value, jax.Array | np.ndarray | np.generic) and not _is_traced(value):
+        if np.ndim(value) != 0:
+            raise ValueError(
+                f"Invalid {name}: expected a scalar, got an array of shape {np.shape(value)}"
+            )
+        return np.asarray(value).item()
+    return value
+
+
+def resolve_hparams(
+    make_config: Callable[..., Any],
+    values: Mapping[str, Any],
+    placeholders: Mapping[str, Any],
+) -> Any:
+    """Build a core config from hyperparameters that may be arrays or JAX tracers.
+
+    Python numbers and concrete arrays go through the core's validating config
+    function (``ValueError``/``TypeError`` naming the argument). Under
+    ``optax.inject_hyperparams`` inside ``jax.jit`` the hyperparameters arrive as
+    tracers: they cannot be validated (they were, when ``init`` built the same
+    transformation from concrete values), so the config is built with valid
+    placeholders and the tracers are put back with ``_replace``. The core uses
+    every numeric field only in array arithmetic, so traced fields work.
+    """
+    concrete: dict[str, Any] = {}
+    traced: dict[str, Any] = {}
+    for name, value in values.items():
+        if _is_traced(value):
+            if name not in placeholders:
+                raise TypeError(f"{name} cannot be a traced value (pass it in static_args)")
+            traced[name] = value
+            concrete[name] = placeholders[name]
+        else:
+            concrete[name] = _concrete(name, value)
+    cfg = make_config(**concrete)
+    if traced:
+        cfg = cfg._replace(**traced)
+    return cfg
+
+
+def draws_if(
+    pred: jax.Array, key: jax.Array, leaves: list[jax.Array], like: jax.Array, noise_fn: NoiseFn
+) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
+    """Draw ``(normals, ||normals||^2, uniform)`` only where ``pred`` holds (``lax.cond``).
+
+    On the other branch the "draws" are zeros (their coefficient is 0 there) and the
+    key is not advanced; under ``vmap`` both branches run (``cond`` becomes a select).
+    Only the draws cross the ``cond``: the update itself stays outside it, so XLA
+    fuses it with ``optax.apply_updates``.
+    """
+
+    def draw(_: None) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
+        new_key, sub = jax.random.split(key)
+        normals, uniform = noise_fn(sub, leaves)
+        return (
+            list(normals),
+            tree_sq_norm(normals).astype(like.dtype),
+            uniform.astype(like.dtype),
+            new_key,
+        )
+
+    def skip(_: None) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
+        one = jnp.ones_like(like)
+        return [jnp.zeros_like(x) for x in leaves], one, one, key
+
+    return jax.lax.cond(pred, draw, skip, None)

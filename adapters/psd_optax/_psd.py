@@ -1,0 +1,210 @@
+"""PSD (perturbed saddle-escape descent) as an ``optax.GradientTransformation``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from psd_core import perturbation as core
+from psd_core._array import tree_acc_dtype, tree_size, tree_sq_norm
+from psd_core.theory import psd_constants
+
+from ._common import NoiseFn, check_seed, draws_if, gaussian_noise, init_key, resolve_hparams
+
+__all__ = ["PSDState", "from_theory", "psd"]
+
+_PLACEHOLDERS = {
+    "learning_rate": 0.0,
+    "epsilon": 0.0,
+    "radius": 0.0,
+    "episode_length": 0,
+    "t_thres": 0,
+    "max_episodes": 0,
+    "ema_beta": 0.5,
+}
+
+
+class PSDState(NamedTuple):
+    """The core's :class:`psd_core.perturbation.PSDState` fields plus the PRNG key."""
+
+    count: jax.Array
+    since_perturb: jax.Array
+    episode_left: jax.Array
+    episodes: jax.Array
+    grad_sq_ema: jax.Array
+    skipped: jax.Array
+    perturbed: jax.Array
+    key: jax.Array
+    """Raw ``uint32[2]`` key; split once per perturbation (unchanged otherwise)."""
+
+
+def _to_core(state: PSDState) -> core.PSDState:
+    return core.PSDState(*state[:-1])
+
+
+def _from_core(state: core.PSDState, key: jax.Array) -> PSDState:
+    return PSDState(*state, key=key)
+
+
+def _psd_update_fn(cfg_fn: Any, noise_fn: NoiseFn) -> Any:
+    """``update(grads, state, params=None)`` for a config built per call by ``cfg_fn(leaves)``."""
+
+    def update_fn(
+        updates: optax.Updates, state: PSDState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, PSDState]:
+        del params
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        cfg = cfg_fn(leaves)
+        dim = tree_size(leaves)
+        cstate = _to_core(state)
+        g2 = tree_sq_norm(leaves)
+        gate = core.psd_gate(g2, cstate, cfg)
+        normals, noise_sq_norm, uniform, key = draws_if(gate.open, state.key, leaves, g2, noise_fn)
+        coeffs, new_state = core.psd_coefficients(
+            g2,
+            cstate,
+            cfg,
+            dim=dim,
+            noise_sq_norm=noise_sq_norm if cfg.noise == "ball" else None,
+            uniform=uniform,
+        )
+        new_leaves = core.psd_updates(coeffs, leaves, normals)
+        return jax.tree_util.tree_unflatten(treedef, new_leaves), _from_core(new_state, key)
+
+    return update_fn
+
+
+def psd(
+    learning_rate: optax.ScalarOrSchedule,
+    epsilon: float,
+    radius: float,
+    episode_length: int = 0,
+    *,
+    seed: int | jax.Array = 0,
+    t_thres: int = 0,
+    max_episodes: int | None = None,
+    gate: str = "grad_norm",
+    ema_beta: float = 0.1,
+    noise: str = "ball",
+    step_on_perturb: bool = False,
+    noise_fn: NoiseFn | None = None,
+) -> optax.GradientTransformation:
+    r"""Perturbed saddle-escape descent on any pytree of parameters.
+
+    The state machine, the gate, every coefficient and the non-finite policy come
+    from :mod:`psd_core.perturbation` (see :func:`psd_core.perturbation.psd_config`
+    for the hyperparameters). This transformation flattens the pytree, computes
+    :math:`\|g\|^2`, asks the core whether the gate is open and, inside
+    ``jax.lax.cond``, draws the noise only on a perturbing step.
+
+    Updates are ``where(finite, a * g + b * z, 0)`` with the core's coefficients
+    ``a`` (``-learning_rate`` or 0) and ``b`` (the ball scale or ``radius``, 0
+    unless perturbing); apply them with :func:`optax.apply_updates`.
+
+    Args:
+        learning_rate: float, 0-d array or optax schedule ``count -> lr`` (the
+            count of finite steps, ``state.count``).
+        epsilon, radius, episode_length, t_thres, max_episodes, gate, ema_beta,
+            noise, step_on_perturb: as in :func:`psd_core.perturbation.psd_config`.
+        seed: int seed (or a raw/typed PRNG key) of the key kept in the state.
+            Under ``jax.vmap`` give each problem its own key, e.g.
+            ``state._replace(key=jax.random.split(key, n))``.
+        noise_fn: ``noise_fn(key, leaves) -> (normals, uniform)``; defaults to
+            :func:`psd_optax.gaussian_noise`. A hook to inject draws (tests).
+
+    Raises:
+        ValueError / TypeError: a bad hyperparameter, naming it.
+    """
+    values = dict(
+        learning_rate=learning_rate,
+        epsilon=epsilon,
+        radius=radius,
+        episode_length=episode_length,
+        t_thres=t_thres,
+        max_episodes=max_episodes,
+        gate=gate,
+        ema_beta=ema_beta,
+        noise=noise,
+        step_on_perturb=step_on_perturb,
+    )
+    cfg = resolve_hparams(core.psd_config, values, _PLACEHOLDERS)
+    check_seed(seed)
+    noise_fn = gaussian_noise if noise_fn is None else noise_fn
+
+    def init_fn(params: optax.Params) -> PSDState:
+        leaves = jax.tree_util.tree_leaves(params)
+        if not leaves:
+            raise ValueError("psd: params has no leaves")
+        cstate = core.psd_init(leaves[0], cfg, acc_dtype=tree_acc_dtype(leaves))
+        return _from_core(cstate, init_key(seed))
+
+    return optax.GradientTransformation(init_fn, _psd_update_fn(lambda leaves: cfg, noise_fn))
+
+
+def from_theory(
+    epsilon: float,
+    ell: float,
+    rho: float,
+    delta: float = 0.1,
+    delta_f: float = 1.0,
+    dim: int | None = None,
+    *,
+    seed: int | jax.Array = 0,
+    noise_fn: NoiseFn | None = None,
+    **kwargs: Any,
+) -> optax.GradientTransformation:
+    r""":func:`psd` with the paper's constants (:func:`psd_core.theory.psd_constants`):
+    ``learning_rate = 1/(2 ell)``, ``radius = sqrt(epsilon/rho)/8``, episode length
+    ``T``, episode budget ``M``, gate threshold ``epsilon``.
+
+    ``dim`` (the number of scalars :math:`d`, which enters ``T``) may be left
+    ``None``: it is then taken from the parameters, statically, by ``init`` and by
+    every ``update`` (their shapes are known at trace time). Under ``jax.vmap`` the
+    per-problem shapes are seen, so ``d`` is the dimension of one problem. The
+    arguments are validated here, at construction, in either case.
+    Extra keyword arguments (``t_thres``, ``gate``, ``noise``, ...) go to :func:`psd`.
+    """
+    if dim is not None:
+        c = psd_constants(epsilon, ell, rho, delta, delta_f, dim=dim)
+        return psd(
+            c.step_size,
+            c.epsilon,
+            c.radius,
+            c.episode_length,
+            max_episodes=c.max_episodes,
+            seed=seed,
+            noise_fn=noise_fn,
+            **kwargs,
+        )
+    psd_constants(epsilon, ell, rho, delta, delta_f, dim=1)  # validate now
+    check_seed(seed)
+    for bad in ("learning_rate", "epsilon", "radius", "episode_length", "max_episodes"):
+        if bad in kwargs:
+            raise TypeError(f"from_theory: {bad} is set by the theory, do not pass it")
+
+    def cfg_for(leaves: list[jax.Array]) -> core.PSDConfig:
+        c = psd_constants(epsilon, ell, rho, delta, delta_f, dim=tree_size(leaves))
+        return core.psd_config(
+            c.step_size,
+            c.epsilon,
+            c.radius,
+            c.episode_length,
+            max_episodes=c.max_episodes,
+            **kwargs,
+        )
+
+    # Validate the remaining keyword arguments once, with d = 1.
+    cfg_for([jnp.zeros(())])
+    noise_fn = gaussian_noise if noise_fn is None else noise_fn
+
+    def init_fn(params: optax.Params) -> PSDState:
+        leaves = jax.tree_util.tree_leaves(params)
+        if not leaves:
+            raise ValueError("from_theory: params has no leaves")
+        cstate = core.psd_init(leaves[0], cfg_for(leaves), acc_dtype=tree_acc_dtype(leaves))
+        return _from_core(cstate, init_key(seed))
+
+    return optax.GradientTransformation(init_fn, _psd_update_fn(cfg_for, noise_fn))

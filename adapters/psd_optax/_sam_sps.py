@@ -1,0 +1,116 @@
+"""SAM-SPS (sharpness-aware minimization with the stochastic Polyak step) for Optax."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from psd_core import polyak as core
+from psd_core._array import as_scalar, tree_dot, tree_lincomb, tree_select, tree_sq_norm
+from psd_core.polyak import SAMSPSState
+
+from ._common import _is_traced, resolve_hparams
+
+__all__ = ["SAMSPSState", "sam_sps"]
+
+_PLACEHOLDERS = {"rho": 0.0, "lambd": 0.0, "f_star": 0.0, "gamma_b": 0.0, "weight_decay": 0.0}
+
+
+def sam_sps(
+    rho: float = 0.1,
+    lambd: float = 1.0,
+    f_star: float = 0.0,
+    gamma_b: float = 1.0,
+    weight_decay: float = 0.0,
+    variant: str = "sps+",
+) -> optax.GradientTransformationExtraArgs:
+    r"""One whole SAM-SPS step per ``update`` (Oikonomou & Loizou, ICML 2025).
+
+    ``update(grads, state, params, *, value=None, value_and_grad_fn)``:
+
+    * ``grads`` is :math:`g = \nabla f_S(x)` at ``params`` (after any transformation
+      chained before this one, e.g. ``optax.clip_by_global_norm``);
+    * ``value`` is :math:`f_S(x)`; it only feeds the non-finite check (optional);
+    * ``value_and_grad_fn(tree) -> (loss, grads)`` is evaluated once, inside the
+      update, at the perturbed point :math:`e = x + c\,g` with the core's
+      :math:`c = \rho(1-\lambda+\lambda/\|g\|)` (same mini-batch).
+
+    The returned updates are :math:`-\gamma(\nabla f_S(e) + w\,x)` with the core's
+    Polyak step :math:`\gamma` (:func:`psd_core.polyak.sam_sps_coefficients`), which
+    is also stored in ``state.step_size`` for logging
+    (``optax.tree_utils.tree_get(state, "step_size")``). ``rho = 0`` gives SPS_max
+    and reproduces ``optax.polyak_sgd(max_learning_rate=gamma_b, f_min=f_star,
+    variant=variant)`` whenever :math:`\|g\|^2 > 10^{-12}`.
+
+    Args:
+        rho: perturbation radius :math:`\rho \ge 0`.
+        lambd: :math:`\lambda\in[0,1]`: 0 USAM, 1 SAM.
+        f_star: lower bound :math:`\ell^*` of the loss (explicit, finite).
+        gamma_b: cap :math:`\gamma_b` of the step size.
+        weight_decay: :math:`w \ge 0`, applied in the descent step only.
+        variant: ``"sps+"`` (ReLU numerator, the paper) or ``"sps"``.
+
+    Non-finite policy (the core's): a non-finite loss or gradient norm at ``x`` or
+    at ``e`` gives :math:`\gamma = 0`, an exactly zero update, and ``skipped + 1``.
+    """
+    values = dict(
+        rho=rho,
+        lambd=lambd,
+        f_star=f_star,
+        gamma_b=gamma_b,
+        weight_decay=weight_decay,
+        variant=variant,
+    )
+    cfg = resolve_hparams(core.sam_sps_config, values, _PLACEHOLDERS)
+    use_wd = _is_traced(cfg.weight_decay) or cfg.weight_decay != 0.0
+
+    def init_fn(params: optax.Params) -> SAMSPSState:
+        leaves = jax.tree_util.tree_leaves(params)
+        if not leaves:
+            raise ValueError("sam_sps: params has no leaves")
+        return core.sam_sps_init(leaves)
+
+    def update_fn(
+        updates: optax.Updates,
+        state: SAMSPSState,
+        params: optax.Params | None = None,
+        *,
+        value_and_grad_fn: Callable[[optax.Params], tuple[Any, optax.Updates]],
+        value: Any = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, SAMSPSState]:
+        del extra_args
+        if params is None:
+            raise ValueError("sam_sps.update needs params (the perturbation is taken at params)")
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        x = treedef.flatten_up_to(params)
+        g2 = tree_sq_norm(leaves)
+        scale = core.sam_perturbation_scale(g2, cfg.rho, cfg.lambd)
+        offset = tree_lincomb([scale], [leaves])
+        e = [p + o.astype(p.dtype) for p, o in zip(x, offset)]
+        loss_e, grads_e = value_and_grad_fn(jax.tree_util.tree_unflatten(treedef, e))
+        ge = treedef.flatten_up_to(grads_e)
+        first_ok = jnp.isfinite(g2)
+        if value is not None:
+            first_ok = first_ok & jnp.isfinite(as_scalar(jnp.asarray(value), g2))
+        coeffs = core.sam_sps_coefficients(
+            loss_e, tree_sq_norm(ge), tree_dot(ge, offset), cfg, extra_finite=first_ok
+        )
+        if use_wd:
+            upd = tree_lincomb([coeffs.grad, coeffs.params], [ge, x])
+        else:
+            upd = tree_lincomb([coeffs.grad], [ge])
+        upd = tree_select(coeffs.finite, upd, [jnp.zeros_like(p) for p in x])
+        one = jnp.ones_like(state.count)
+        new_state = SAMSPSState(
+            count=jnp.where(coeffs.finite, state.count + one, state.count),
+            step_size=coeffs.step_size.astype(state.step_size.dtype),
+            skipped=jnp.where(coeffs.finite, state.skipped, state.skipped + one),
+        )
+        return jax.tree_util.tree_unflatten(treedef, upd), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
