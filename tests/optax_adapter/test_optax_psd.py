@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import psd_optax
 import pytest
 
 import psd_core
+import psd_optax
 from psd_core.functions import coupled_quartic, gaussian_wells
 
 jax.config.update("jax_enable_x64", True)

@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import psd_optax
 import pytest
 from sklearn.datasets import load_breast_cancer
+
+import psd_optax
 
 jax.config.update("jax_enable_x64", True)
 

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import psd_optax
 import pytest
 
+import psd_optax
 from psd_core.functions import coupled_quartic
 
 torch = pytest.importorskip("torch")

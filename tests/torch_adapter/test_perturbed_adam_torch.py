@@ -7,11 +7,11 @@ import io
 import psd_optimizer
 import pytest
 import torch
-from psd_torch import PerturbedAdam
 
 import psd_core
 from psd_core.functions import separable_quartic
 from psd_core.perturbation import adam_direction, adam_moments
+from psd_torch import PerturbedAdam
 
 F64 = torch.float64
 

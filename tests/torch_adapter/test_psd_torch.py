@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from psd.framework_optimizers import PSDTorch
-from psd_torch import PSD
 
 import psd_core
 from psd_core.functions import separable_quartic
 from psd_core.theory import psd_constants
+from psd_torch import PSD
 
 F64 = torch.float64
 

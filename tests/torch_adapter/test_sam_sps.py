@@ -10,11 +10,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from psd_torch import SAM_SPS
 from torch import nn
 from torch.nn import functional as F
 
 import psd_core
+from psd_torch import SAM_SPS
 
 sam_sps_peer = pytest.importorskip("sam_sps")
 

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from psd_torch import SAM_SPS
 from torch import nn
 from torch.nn import functional as F
 
 from psd_core.polyak import sam_perturbation_scale, sam_sps_coefficients, sam_sps_config
+from psd_torch import SAM_SPS
 
 pytestmark = [
     pytest.mark.distributed,

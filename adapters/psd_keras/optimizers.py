@@ -1,0 +1,564 @@
+"""Keras 3 optimizers on ``psd_core``: :class:`PSD`, :class:`PerturbedAdam`, :class:`SAM_SPS`.
+
+How they plug into Keras
+------------------------
+Keras calls ``Optimizer._backend_update_step(grads, variables, learning_rate)``
+once per step with the *whole* list of gradients (after clipping / Keras weight
+decay), on every backend and inside ``stateless_apply`` on JAX. The PSD and
+PerturbedAdam gates need the global gradient norm, so these classes override that
+hook (not the per-variable ``update_step``). It reads the optimizer's state
+variables, calls the core's pure transformation (:func:`psd_core.psd`,
+:func:`psd_core.perturbed_adam`) on the backend's native tensors and writes the
+results back with ``assign``/``assign_add``. Nothing reads an array value on the
+host, so the step traces under ``tf.function``, ``jax.jit`` and
+``jit_compile=True``.
+
+On the JAX and PyTorch backends the tensors are array-API arrays for
+``array_api_compat``; on TensorFlow the core gets the bridge
+:mod:`psd_keras._tf_namespace`.
+
+State
+-----
+Every scalar of the core's state (``count``, ``since_perturb``, ``episode_left``,
+... ) is a non-trainable optimizer variable, and so is the state of the
+``keras.random.SeedGenerator`` that draws the noise, so ``model.save`` /
+``load_model`` and ``stateless_apply`` carry all of it.
+
+Randomness
+----------
+Each step draws ``z ~ N(0, I)`` shaped like the parameters (and one
+``u ~ U(0, 1)`` for ``noise="ball"``) from the optimizer's seed generator, whether
+or not the step perturbs (no data-dependent branch). Tests replace the noise
+source with :meth:`_set_noise_fn` to feed the same draws to the core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import keras
+from keras import ops
+
+import psd_core
+from psd_core.perturbation import (
+    PerturbedAdamState,
+    PSDState,
+    perturbed_adam_config,
+    psd_config,
+)
+from psd_core.polyak import SAMSPSState, sam_sps_config
+
+__all__ = ["PSD", "PerturbedAdam", "SAM_SPS"]
+
+_BACKEND = keras.backend.backend()
+
+
+def _no_grad() -> Any:
+    if _BACKEND == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
+def _keras_lr(learning_rate: Any) -> Any:
+    """Keras insists on a Python float (or a schedule / callable)."""
+    if isinstance(learning_rate, bool):
+        raise TypeError(f"learning_rate must be a real number, got {learning_rate!r}")
+    if isinstance(learning_rate, int | float):
+        return float(learning_rate)
+    return learning_rate
+
+
+def _acc_dtype(variables: list[Any]) -> str:
+    """dtype of the scalar float state: float64 if any variable is float64, else float32
+    (float16/bfloat16 parameters accumulate in float32, as the core's reductions do)."""
+    return "float64" if any(str(v.dtype) == "float64" for v in variables) else "float32"
+
+
+def _read(v: Any) -> Any:
+    """The backend tensor of a Keras variable (the stateless-scope value on JAX)."""
+    return ops.convert_to_tensor(v)
+
+
+def _snapshot(v: Any) -> Any:
+    """A copy of a variable's value that later ``assign`` calls cannot alias."""
+    if _BACKEND == "torch":
+        return v.value.detach().clone()
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.identity(v.value)
+    return v.value
+
+
+class _CoreOptimizer(keras.optimizers.Optimizer):
+    """Shared plumbing: seed generator, scalar state variables, noise draws."""
+
+    _SCALARS: tuple[tuple[str, str], ...] = ()
+    """``(name, kind)`` of the scalar state variables; kind ``"int"`` or ``"float"``."""
+
+    def __init__(
+        self, learning_rate: Any, seed: int | None, name: str | None, **kwargs: Any
+    ) -> None:
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        super().__init__(learning_rate=_keras_lr(learning_rate), name=name, **kwargs)
+        self.seed = seed
+        with keras.name_scope(self.name, caller=self):
+            self._seed_generator = keras.random.SeedGenerator(seed, name="noise_seed")
+        self._track_variable(self._seed_generator.state)
+        self._noise_fn: Callable[[list[Any]], tuple[list[Any], Any]] | None = None
+        self._state: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- state
+    def _initial_scalars(self) -> dict[str, Any]:
+        return {}
+
+    def _build_scalars(self, variables: list[Any]) -> None:
+        acc = _acc_dtype(variables)
+        init = self._initial_scalars()
+        for name, kind in self._SCALARS:
+            self._state[name] = self.add_variable(
+                shape=(),
+                initializer=keras.initializers.Constant(init.get(name, 0)),
+                dtype="int32" if kind == "int" else acc,
+                name=name,
+            )
+
+    def _read_scalars(self) -> dict[str, Any]:
+        return {name: _read(self._state[name]) for name, _ in self._SCALARS}
+
+    def _write_scalars(self, values: dict[str, Any]) -> None:
+        for name, _ in self._SCALARS:
+            if name in values:
+                var = self._state[name]
+                self.assign(var, ops.cast(values[name], var.dtype))
+
+    def _set_noise_fn(self, fn: Callable[[list[Any]], tuple[list[Any], Any]] | None) -> None:
+        """Test hook: ``fn(variables) -> (normals, uniform)`` replaces the seed generator.
+
+        ``normals`` are backend tensors shaped like the variables, ``uniform`` a 0-d
+        tensor (or ``None`` for ``noise="gaussian"``). Called once per step at trace
+        time, so only meaningful for eager ``optimizer.apply`` loops. ``None``
+        restores the seed generator.
+        """
+        self._noise_fn = fn
+
+    def _draws(self, variables: list[Any], ball: bool) -> tuple[list[Any], Any]:
+        if self._noise_fn is not None:
+            return self._noise_fn(variables)
+        normals = []
+        for v in variables:
+            dt = str(v.dtype)
+            draw_dt = dt if dt in ("float32", "float64") else "float32"
+            z = keras.random.normal(tuple(v.shape), dtype=draw_dt, seed=self._seed_generator)
+            normals.append(z if draw_dt == dt else ops.cast(z, dt))
+        uniform = None
+        if ball:
+            uniform = keras.random.uniform(
+                (), dtype=_acc_dtype(variables), seed=self._seed_generator
+            )
+        return normals, uniform
+
+    def _apply_updates(self, variables: list[Any], updates: list[Any]) -> None:
+        if _BACKEND == "torch":
+            import torch
+
+            torch._foreach_add_([v.value for v in variables], list(updates))
+            return
+        for v, u in zip(variables, updates):
+            self.assign_add(v, u)
+
+    # ---------------------------------------------------------------- step
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__} updates all variables at once (_backend_update_step)"
+        )
+
+    def _backend_update_step(
+        self, grads: Any, trainable_variables: Any, learning_rate: Any
+    ) -> None:
+        variables = list(trainable_variables)
+        with _no_grad():
+            grads = [ops.convert_to_tensor(g) for g in grads]
+            grads = [
+                g if str(g.dtype) == str(v.dtype) else ops.cast(g, v.dtype)
+                for g, v in zip(grads, variables)
+            ]
+            lr = ops.convert_to_tensor(learning_rate)
+            self._core_step(grads, variables, lr)
+
+    def _core_step(self, grads: list[Any], variables: list[Any], lr: Any) -> None:
+        raise NotImplementedError
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config["seed"] = self.seed
+        return config
+
+
+@keras.saving.register_keras_serializable(package="psd_keras")
+class PSD(_CoreOptimizer):
+    """Perturbed saddle-escape descent (PSD) as a Keras 3 optimizer.
+
+    Gradient descent with step ``learning_rate`` that, when the global gradient
+    norm is at most ``epsilon`` (and no escape episode runs, and more than
+    ``t_thres`` steps passed since the last perturbation), adds a perturbation of
+    radius ``radius`` and runs ``episode_length`` plain gradient steps. The math is
+    :func:`psd_core.psd`; see :func:`psd_core.perturbation.psd_config` for every
+    hyperparameter (they are validated there: bad values raise ``ValueError``).
+
+    Args:
+        learning_rate: float, ``keras.optimizers.schedules.LearningRateSchedule``
+            or callable.
+        epsilon, radius, episode_length, t_thres, max_episodes, gate, ema_beta,
+        noise, step_on_perturb: as in :func:`psd_core.psd`.
+        seed: seed of the ``keras.random.SeedGenerator`` that draws the noise.
+        name, **kwargs: the usual Keras optimizer arguments (``clipnorm``,
+            ``global_clipnorm``, ``weight_decay`` (Keras's decoupled decay),
+            ``use_ema``, ...).
+    """
+
+    _SCALARS = (
+        ("count", "int"),
+        ("since_perturb", "int"),
+        ("episode_left", "int"),
+        ("episodes", "int"),
+        ("grad_sq_ema", "float"),
+        ("skipped", "int"),
+        ("perturbed", "int"),
+    )
+
+    def __init__(
+        self,
+        learning_rate: Any,
+        epsilon: float,
+        radius: float,
+        episode_length: int = 0,
+        *,
+        t_thres: int = 0,
+        max_episodes: int | None = None,
+        gate: str = "grad_norm",
+        ema_beta: float = 0.1,
+        noise: str = "ball",
+        step_on_perturb: bool = False,
+        seed: int | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        config = psd_config(
+            learning_rate,
+            epsilon,
+            radius,
+            episode_length,
+            t_thres=t_thres,
+            max_episodes=max_episodes,
+            gate=gate,
+            ema_beta=ema_beta,
+            noise=noise,
+            step_on_perturb=step_on_perturb,
+        )
+        super().__init__(learning_rate, seed, name, **kwargs)
+        self._config = config
+        self.max_episodes = max_episodes
+
+    def _initial_scalars(self) -> dict[str, Any]:
+        return {"since_perturb": self._config.t_thres + 1}
+
+    def build(self, variables: Any) -> None:
+        if self.built:
+            return
+        super().build(variables)
+        self._build_scalars(list(variables))
+
+    def _core_step(self, grads: list[Any], variables: list[Any], lr: Any) -> None:
+        c = self._config
+        tx = psd_core.psd(
+            lambda _count: lr,
+            c.epsilon,
+            c.radius,
+            c.episode_length,
+            t_thres=c.t_thres,
+            max_episodes=self.max_episodes,
+            gate=c.gate,
+            ema_beta=c.ema_beta,
+            noise=c.noise,
+            step_on_perturb=c.step_on_perturb,
+        )
+        state = PSDState(**self._read_scalars())
+        normals, uniform = self._draws(variables, c.noise == "ball")
+        updates, new_state = tx.update(grads, state, normals=normals, uniform=uniform)
+        self._apply_updates(variables, updates)
+        self._write_scalars(new_state._asdict())
+
+    @property
+    def psd_state(self) -> PSDState:
+        """The core state (backend tensors) for logging and tests."""
+        return PSDState(**self._read_scalars())
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        c = self._config
+        config.update(
+            epsilon=c.epsilon,
+            radius=c.radius,
+            episode_length=c.episode_length,
+            t_thres=c.t_thres,
+            max_episodes=self.max_episodes,
+            gate=c.gate,
+            ema_beta=c.ema_beta,
+            noise=c.noise,
+            step_on_perturb=c.step_on_perturb,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="psd_keras")
+class PerturbedAdam(_CoreOptimizer):
+    """Adam that adds noise of radius ``r`` after ``t_thres`` consecutive small steps.
+
+    The math is :func:`psd_core.perturbed_adam` (psd-optimizer's ``PerturbedAdam``
+    with the gate on the *global* norm of the bias-corrected Adam step; on a
+    perturbation the update is the noise and both moments are reset). Argument
+    names follow ``keras.optimizers.Adam``: ``beta_1``, ``beta_2``, ``epsilon``;
+    ``g_thres``, ``t_thres``, ``r`` follow psd-optimizer.
+    """
+
+    _SCALARS = (
+        ("count", "int"),
+        ("small_steps", "int"),
+        ("perturbations", "int"),
+        ("skipped", "int"),
+        ("perturbed", "int"),
+    )
+
+    def __init__(
+        self,
+        learning_rate: Any = 1e-3,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
+        g_thres: float = 1e-3,
+        t_thres: int = 10,
+        r: float = 1e-3,
+        *,
+        noise: str = "gaussian",
+        seed: int | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            config = perturbed_adam_config(
+                learning_rate, beta_1, beta_2, epsilon, g_thres, t_thres, r, noise
+            )
+        except (ValueError, TypeError) as exc:  # name the Keras argument, not the core's
+            msg = str(exc)
+            for core_name, keras_name in (
+                ("b1", "beta_1"),
+                ("b2", "beta_2"),
+                ("eps", "epsilon"),
+                ("radius", "r"),
+            ):
+                msg = msg.replace(f"Invalid {core_name}:", f"Invalid {keras_name}:").replace(
+                    f"{core_name} must", f"{keras_name} must"
+                )
+            raise type(exc)(msg) from None
+        super().__init__(learning_rate, seed, name, **kwargs)
+        self._config = config
+
+    def build(self, variables: Any) -> None:
+        if self.built:
+            return
+        variables = list(variables)
+        super().build(variables)
+        self._mu, self._nu = self.add_optimizer_variables(variables, ["momentum", "velocity"])
+        self._build_scalars(variables)
+
+    def _core_step(self, grads: list[Any], variables: list[Any], lr: Any) -> None:
+        c = self._config
+        tx = psd_core.perturbed_adam(
+            lambda _count: lr, c.b1, c.b2, c.eps, c.g_thres, c.t_thres, c.radius, noise=c.noise
+        )
+        idx = [self._get_variable_index(v) for v in variables]
+        mu_vars = [self._mu[i] for i in idx]
+        nu_vars = [self._nu[i] for i in idx]
+        s = self._read_scalars()
+        state = PerturbedAdamState(
+            count=s["count"],
+            mu=[_read(m) for m in mu_vars],
+            nu=[_read(v) for v in nu_vars],
+            small_steps=s["small_steps"],
+            perturbations=s["perturbations"],
+            skipped=s["skipped"],
+            perturbed=s["perturbed"],
+        )
+        normals, uniform = self._draws(variables, c.noise == "ball")
+        updates, new_state = tx.update(grads, state, normals=normals, uniform=uniform)
+        self._apply_updates(variables, updates)
+        for var, val in zip(mu_vars, new_state.mu):
+            self.assign(var, val)
+        for var, val in zip(nu_vars, new_state.nu):
+            self.assign(var, val)
+        self._write_scalars(new_state._asdict())
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        c = self._config
+        config.update(
+            beta_1=c.b1,
+            beta_2=c.b2,
+            epsilon=c.eps,
+            g_thres=c.g_thres,
+            t_thres=c.t_thres,
+            r=c.radius,
+            noise=c.noise,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="psd_keras")
+class SAM_SPS(_CoreOptimizer):  # noqa: N801 - the method's name
+    """SAM / USAM with the stochastic Polyak step size (SAM-SPS), for Keras 3.
+
+    A SAM step needs the loss and a second gradient at the perturbed point, which a
+    plain ``optimizer.apply(grads)`` cannot see. Use it with a model built from
+    :class:`psd_keras.SAMModel` / :class:`psd_keras.SAMSequential` (or the
+    :class:`psd_keras.SAMTrainStep` mixin) so that ``fit`` does both passes, or call
+    :meth:`sam_apply` (:meth:`stateless_sam_apply` on JAX) in a custom loop. The
+    math is :func:`psd_core.sam_sps`; see :func:`psd_core.polyak.sam_sps_config`.
+
+    There is no learning rate: the step is the Polyak step size, capped at
+    ``gamma_b``. ``weight_decay`` is SAM-SPS's L2 term ``-gamma * w * x`` (not Keras's
+    decoupled decay). The Keras ``learning_rate`` variable exists (Keras requires
+    it) but is unused.
+    """
+
+    _SCALARS = (("count", "int"), ("step_size", "float"), ("skipped", "int"))
+
+    def __init__(
+        self,
+        rho: float = 0.1,
+        lambd: float = 1.0,
+        f_star: float = 0.0,
+        gamma_b: float = 1.0,
+        weight_decay: float = 0.0,
+        variant: str = "sps+",
+        *,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        config = sam_sps_config(rho, lambd, f_star, gamma_b, weight_decay, variant)
+        kwargs.pop("learning_rate", None)  # present in configs; unused
+        kwargs.pop("seed", None)
+        super().__init__(1.0, None, name, **kwargs)
+        self._config = config
+
+    def build(self, variables: Any) -> None:
+        if self.built:
+            return
+        super().build(variables)
+        self._build_scalars(list(variables))
+
+    def apply(self, grads: Any, trainable_variables: Any = None) -> None:
+        raise TypeError(
+            "SAM_SPS needs the loss and the gradient at the perturbed point: train a "
+            "psd_keras.SAMModel / SAMSequential (or a model with the SAMTrainStep mixin) "
+            "with fit(), or call optimizer.sam_apply(grads, variables, "
+            "value_and_grad_fn=..., loss=...) in a custom loop"
+        )
+
+    def _core_step(
+        self, grads: list[Any], variables: list[Any], lr: Any
+    ) -> None:  # pragma: no cover
+        raise TypeError("SAM_SPS steps through sam_apply")
+
+    def sam_apply(
+        self,
+        grads: Any,
+        trainable_variables: Any,
+        *,
+        value_and_grad_fn: Callable[[list[Any]], tuple[Any, list[Any]]],
+        loss: Any = None,
+    ) -> None:
+        """One SAM-SPS step on ``trainable_variables`` (Keras variables).
+
+        Args:
+            grads: gradients of the mini-batch loss at the current point ``x``.
+            trainable_variables: the variables (builds the optimizer on first use).
+            value_and_grad_fn: ``fn(e) -> (loss_e, grads_e)`` evaluating the *same*
+                mini-batch loss and its gradient at the perturbed point ``e`` (a list
+                of backend tensors). It may assign ``e`` into the variables (TF,
+                PyTorch); the variables are set to ``x + update`` afterwards.
+            loss: the loss at ``x`` (only used by the non-finite check).
+        """
+        variables = list(trainable_variables)
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(variables)
+        with keras.name_scope(self.name, caller=self):
+            grads = [ops.convert_to_tensor(g) for g in grads]
+            params = [_snapshot(v) for v in variables]
+            c = self._config
+            tx = psd_core.sam_sps(
+                c.rho, c.lambd, c.f_star, c.gamma_b, c.weight_decay, variant=c.variant
+            )
+            state = SAMSPSState(**self._read_scalars())
+            updates, new_state = tx.update(
+                grads,
+                state,
+                params,
+                value_and_grad_fn=value_and_grad_fn,
+                value=None if loss is None else ops.convert_to_tensor(loss),
+            )
+            with _no_grad():
+                for v, x_new in zip(variables, psd_core.apply_updates(params, updates)):
+                    self.assign(v, x_new)
+                self._write_scalars(new_state._asdict())
+        self._iterations.assign_add(1)
+
+    def stateless_sam_apply(
+        self,
+        optimizer_variables: list[Any],
+        grads: list[Any],
+        trainable_variables: list[Any],
+        *,
+        value_and_grad_fn: Callable[[list[Any]], tuple[Any, list[Any]]],
+        loss: Any = None,
+    ) -> tuple[list[Any], list[Any]]:
+        """Stateless :meth:`sam_apply` (JAX): returns ``(trainable_values, optimizer_values)``."""
+        if not self.built:
+            raise ValueError(
+                "SAM_SPS must be built (optimizer.build(variables)) before stateless_sam_apply"
+            )
+        mapping = list(zip(self._trainable_variables, trainable_variables)) + list(
+            zip(self.variables, optimizer_variables)
+        )
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            self.sam_apply(
+                grads, self._trainable_variables, value_and_grad_fn=value_and_grad_fn, loss=loss
+            )
+        new_trainable = [scope.get_current_value(v) for v in self._trainable_variables]
+        new_opt = [scope.get_current_value(v) for v in self.variables]
+        return new_trainable, new_opt
+
+    @property
+    def step_size(self) -> Any:
+        """The last Polyak step size (backend tensor)."""
+        return _read(self._state["step_size"])
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        c = self._config
+        config.pop("seed", None)
+        config.update(
+            rho=c.rho,
+            lambd=c.lambd,
+            f_star=c.f_star,
+            gamma_b=c.gamma_b,
+            weight_decay=c.weight_decay,
+            variant=c.variant,
+        )
+        return config
