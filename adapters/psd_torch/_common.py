@@ -2,12 +2,14 @@
 
 * grouping tensors by ``(device, dtype)`` so that ``torch._foreach_*`` ops see
   homogeneous lists, with a per-tensor fallback (``foreach=False``);
+* the core's accumulation dtype (:func:`psd_core._array.accumulation_dtype`,
+  :func:`psd_core._array.tree_acc_dtype`) on torch dtypes;
 * the global squared norm of a list of tensors with ``torch._foreach_norm``,
   accumulated in float32 or better (float16/bfloat16 leaves are reduced in
   float32, float64 leaves keep float64) -- the torch-speed equivalent of
-  :func:`psd_core._array.tree_sq_norm`;
-* the optimizer-owned ``torch.Generator`` (seeded, on the parameters' device) and
-  its checkpoint state;
+  :func:`psd_core._array.tree_sq_norm` (shared by all three optimizers);
+* the optimizer-owned ``torch.Generator`` (seeded, on the parameters' device), its
+  checkpoint state and the injectable draws (:class:`GeneratorStateMixin`);
 * normal draws shaped like the parameters;
 * reading a few 0-d flags/coefficients on the host in *one* transfer (free on CPU,
   one synchronization on CUDA).
@@ -18,22 +20,25 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import array_api_compat.torch as xp
 import torch
 
 from psd_core import validation
+from psd_core._array import accumulation_dtype, tree_acc_dtype
 
 __all__ = [
+    "GeneratorStateMixin",
     "Group",
-    "acc_dtype_of",
+    "NoiseFn",
     "check_params",
     "draw_normals",
+    "draw_uniform",
     "foreach_add_",
     "global_sq_norm",
     "group_by_device_dtype",
     "host_values",
     "make_generator",
     "resolve_foreach",
-    "tree_acc_dtype",
 ]
 
 Group = tuple[list[torch.Tensor], ...]
@@ -59,12 +64,10 @@ def resolve_foreach(foreach: bool | None) -> bool:
     return True if foreach is None else bool(foreach)
 
 
-def group_by_device_dtype(
-    *lists: Sequence[torch.Tensor],
-) -> dict[tuple[torch.device, torch.dtype], Group]:
-    """Split parallel tensor lists into buckets keyed by the first list's ``(device, dtype)``.
+def group_by_device_dtype(*lists: Sequence[torch.Tensor]) -> list[Group]:
+    """Split parallel tensor lists into groups keyed by the first list's ``(device, dtype)``.
 
-    Order inside each bucket follows the input order, and buckets appear in the order
+    Order inside each group follows the input order, and groups appear in the order
     of their first member, so iteration order is deterministic (draws depend on it).
     """
     out: dict[tuple[torch.device, torch.dtype], Group] = {}
@@ -72,51 +75,42 @@ def group_by_device_dtype(
         key = (items[0].device, items[0].dtype)
         if key not in out:
             out[key] = tuple([] for _ in lists)
-        for bucket, t in zip(out[key], items):
-            bucket.append(t)
-    return out
-
-
-def acc_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    """Reduction dtype for leaves of ``dtype``: float32 for floats narrower than 32 bits."""
-    if dtype.is_floating_point and torch.finfo(dtype).bits < 32:
-        return torch.float32
-    return dtype
-
-
-def tree_acc_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    """Promotion of :func:`acc_dtype_of` over all tensors (dtype of :func:`global_sq_norm`)."""
-    acc: torch.dtype | None = None
-    for t in tensors:
-        a = acc_dtype_of(t.dtype)
-        acc = a if acc is None else torch.promote_types(acc, a)
-    if acc is None:
-        raise ValueError("empty tensor list")
-    return acc
+        for group, t in zip(out[key], items):
+            group.append(t)
+    return list(out.values())
 
 
 def global_sq_norm(
-    tensors: Sequence[torch.Tensor], *, foreach: bool = True, device: torch.device | None = None
+    tensors: Sequence[torch.Tensor],
+    *,
+    foreach: bool = True,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     r"""Global squared 2-norm :math:`\sum_{\text{leaves}}\|t\|^2` as a 0-d tensor.
 
-    Accumulates in the promotion of :func:`acc_dtype_of` over all leaves (float32 for
-    fp16/bf16, float64 when any leaf is float64), on ``device`` (default: the device
+    Each ``(device, dtype)`` group is reduced with ``torch._foreach_norm`` in the
+    core's :func:`~psd_core._array.accumulation_dtype` of its dtype (float32 for
+    fp16/bf16); the per-tensor norms are then squared and summed in ``dtype`` (default: :func:`psd_core._array.tree_acc_dtype` of the
+    tensors, i.e. float64 when any leaf is float64) on ``device`` (default: the device
     of the first tensor). Never reads a value on the host. Non-finite entries give a
     non-finite result (that is how the core detects a step to skip).
     """
     if len(tensors) == 0:
         raise ValueError("global_sq_norm: empty tensor list")
-    acc = tree_acc_dtype(tensors)
+    groups = group_by_device_dtype(tensors)
+    # One leaf per group carries the group's dtype: the core's rule at O(#groups).
+    out = tree_acc_dtype([ts[0] for (ts,) in groups]) if dtype is None else dtype
     dev = tensors[0].device if device is None else device
     total: torch.Tensor | None = None
-    for (_, dt), (ts,) in group_by_device_dtype(tensors).items():
-        red = acc_dtype_of(dt)
+    for (ts,) in groups:
+        dt = ts[0].dtype
+        red = accumulation_dtype(xp, dt)
         if foreach:
             norms = torch._foreach_norm(ts, 2, dtype=red if red != dt else None)
         else:
             norms = [torch.linalg.vector_norm(t, 2, dtype=red) for t in ts]
-        s = torch.stack([n.to(device=dev, dtype=acc) for n in norms]).square().sum()
+        s = torch.stack(norms).to(device=dev, dtype=out).square().sum()
         total = s if total is None else total + s
     assert total is not None
     return total
@@ -183,3 +177,50 @@ def draw_uniform(generator: torch.Generator) -> torch.Tensor:
 NoiseFn = Callable[[list[torch.Tensor]], tuple[list[torch.Tensor], torch.Tensor]]
 """``noise_fn(params) -> (normals shaped like params, uniform 0-d)``: an injectable
 source of draws (tests use it to feed the core and the optimizer the same draws)."""
+
+
+class GeneratorStateMixin:
+    """The optimizer-owned ``torch.Generator``: its property, its checkpoint state
+    (``state_dict()["generator_state"]``) and the draws, with the ``noise_fn`` hook.
+
+    Mix in before ``torch.optim.Optimizer``; call :meth:`_init_generator` at the end
+    of ``__init__`` and set ``self._noise_fn``.
+    """
+
+    _generator: torch.Generator
+    _noise_fn: NoiseFn | None
+
+    def _init_generator(self, seed: int | None) -> None:
+        first = self.param_groups[0]["params"][0]  # type: ignore[attr-defined]
+        self._generator = make_generator(seed, first.device)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The optimizer's ``torch.Generator`` (on the first parameter's device)."""
+        return self._generator
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()  # type: ignore[misc]
+        sd["generator_state"] = self._generator.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        gen_state = state_dict.pop("generator_state", None)
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        if gen_state is not None:
+            self._generator.set_state(
+                gen_state.cpu() if isinstance(gen_state, torch.Tensor) else gen_state
+            )
+
+    def _draw(
+        self, params: list[torch.Tensor], ball: bool
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Normals shaped like ``params`` and, when ``ball``, one uniform draw: from
+        ``noise_fn`` when given, else from the generator (normals first)."""
+        if self._noise_fn is not None:
+            normals, uniform = self._noise_fn(params)
+            return list(normals), uniform
+        normals = draw_normals(params, self._generator)
+        uniform = draw_uniform(self._generator) if ball else None
+        return normals, uniform

@@ -1,32 +1,35 @@
 """Private helpers of :class:`psd_torch.SAM_SPS` (data movement only; no math).
 
-* buckets of parallel tensor lists by ``(device, dtype)`` for ``torch._foreach_*``;
 * in-place primitives with a ``foreach`` switch (per-tensor fallback);
-* global squared norms and dot products accumulated in float32 or better, without
-  reading anything on the host;
+* global dot products accumulated in float32 or better (the core's
+  :func:`~psd_core._array.accumulation_dtype`), without reading anything on the
+  host (the ``(device, dtype)`` grouping and the global squared norm are shared with
+  the other optimizers in :mod:`._common`);
 * ``torch.amp.GradScaler`` bookkeeping for the two backward passes of one step;
 * saving / restoring BatchNorm running statistics around the second pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import array_api_compat.torch as xp
 import torch
 from torch import nn
 
+from psd_core._array import accumulation_dtype
+
+from ._common import group_by_device_dtype
+
 __all__ = [
-    "acc_dtype",
     "addcmul_",
     "add_",
-    "bucket",
     "copy_",
     "frozen_running_stats",
     "global_dot",
     "global_dot_diff",
-    "global_sq_norm",
     "mul_",
     "sanitize_",
     "scaler_found_inf",
@@ -34,28 +37,6 @@ __all__ = [
     "scaler_reset",
     "sub_",
 ]
-
-Bucket = tuple[list[torch.Tensor], ...]
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Reduction dtype for leaves of ``dtype``: float32 for floats narrower than 32 bits."""
-    if dtype.is_floating_point and torch.finfo(dtype).bits < 32:
-        return torch.float32
-    return dtype
-
-
-def bucket(*lists: Sequence[torch.Tensor]) -> list[Bucket]:
-    """Split parallel lists into buckets keyed by the first list's ``(device, dtype)``
-    (deterministic order: buckets in order of their first member)."""
-    out: dict[tuple[torch.device, torch.dtype], Bucket] = {}
-    for items in zip(*lists):
-        key = (items[0].device, items[0].dtype)
-        if key not in out:
-            out[key] = tuple([] for _ in lists)
-        for b, t in zip(out[key], items):
-            b.append(t)
-    return list(out.values())
 
 
 # ---------------------------------------------------------------- in-place primitives
@@ -126,28 +107,9 @@ def sanitize_(gs: list[torch.Tensor], keep: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------- reductions
-def _sq_norm_bucket(xs: list[torch.Tensor], foreach: bool) -> torch.Tensor:
-    acc = acc_dtype(xs[0].dtype)
-    if foreach:
-        norms = torch._foreach_norm(xs, 2, dtype=acc)
-    else:
-        norms = [torch.linalg.vector_norm(x, dtype=acc) for x in xs]
-    return torch.stack(norms).square().sum()
-
-
-def global_sq_norm(
-    xs: list[torch.Tensor], out_dtype: torch.dtype, device: torch.device, foreach: bool
-) -> torch.Tensor:
-    """:math:`\\sum_i \\|x_i\\|^2` as a 0-d ``out_dtype`` tensor on ``device``."""
-    total = torch.zeros((), dtype=out_dtype, device=device)
-    for (b,) in bucket(xs):
-        total = total + _sq_norm_bucket(b, foreach).to(device=device, dtype=out_dtype)
-    return total
-
-
 def _dot_diff(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``<g, a - b>``; the difference is one temporary the size of this tensor."""
-    acc = acc_dtype(g.dtype)
+    acc = accumulation_dtype(xp, g.dtype)
     if acc != g.dtype:  # float16/bfloat16: differences, products and sums in float32
         return torch.sum(g.to(acc) * (a.to(acc) - b.to(acc)))
     d = a - b
@@ -157,7 +119,7 @@ def _dot_diff(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    acc = acc_dtype(x.dtype)
+    acc = accumulation_dtype(xp, x.dtype)
     if acc != x.dtype:  # float16/bfloat16: products and sums in float32
         return torch.sum(x.to(acc) * y.to(acc))
     if x.is_contiguous() and y.is_contiguous():
@@ -171,7 +133,7 @@ def global_dot(
     """:math:`\\sum_i \\langle x_i, y_i\\rangle` (0-d, ``out_dtype``, on ``device``; no temporaries
     for float32/float64)."""
     total = torch.zeros((), dtype=out_dtype, device=device)
-    for bx, by in bucket(xs, ys):
+    for bx, by in group_by_device_dtype(xs, ys):
         part = torch.stack([_dot(x, y) for x, y in zip(bx, by)]).sum()
         total = total + part.to(device=device, dtype=out_dtype)
     return total
@@ -186,7 +148,7 @@ def global_dot_diff(
 ) -> torch.Tensor:
     """:math:`\\sum_i \\langle g_i, a_i - b_i\\rangle` (0-d, ``out_dtype``, on ``device``)."""
     total = torch.zeros((), dtype=out_dtype, device=device)
-    for bg, ba, bb in bucket(gs, as_, bs):
+    for bg, ba, bb in group_by_device_dtype(gs, as_, bs):
         part = torch.stack([_dot_diff(g, a, b) for g, a, b in zip(bg, ba, bb)]).sum()
         total = total + part.to(device=device, dtype=out_dtype)
     return total

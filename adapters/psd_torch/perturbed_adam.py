@@ -34,15 +34,13 @@ from psd_core.perturbation import (
 )
 
 from ._common import (
+    GeneratorStateMixin,
     NoiseFn,
     check_params,
-    draw_normals,
-    draw_uniform,
     foreach_add_,
     global_sq_norm,
     group_by_device_dtype,
     host_values,
-    make_generator,
     resolve_foreach,
 )
 
@@ -51,7 +49,7 @@ __all__ = ["PerturbedAdam"]
 _SCALARS = ("count", "small_steps", "perturbations", "skipped", "perturbed")
 
 
-class PerturbedAdam(torch.optim.Optimizer):
+class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
     r"""Adam with PGD-style perturbations (psd-optimizer semantics, global gate).
 
     Each step updates the Adam moments and the bias-corrected direction
@@ -107,27 +105,11 @@ class PerturbedAdam(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr))
         for group in self.param_groups:
             validation.check_nonnegative("lr", group["lr"])
-        self._generator = make_generator(seed, self.param_groups[0]["params"][0].device)
+        self._init_generator(seed)
 
     @property
     def config(self) -> Any:
         return self._config
-
-    @property
-    def generator(self) -> torch.Generator:
-        return self._generator
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["generator_state"] = self._generator.get_state()
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        gen_state = state_dict.pop("generator_state", None)
-        super().load_state_dict(state_dict)
-        if gen_state is not None:
-            self._generator.set_state(gen_state.cpu())
 
     def _scalars(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
         st = self.state.get("perturbed_adam")
@@ -230,7 +212,7 @@ class PerturbedAdam(torch.optim.Optimizer):
         buckets = group_by_device_dtype(grads, mu, nu)
         d_all: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
         pos = {id(g): i for i, g in enumerate(grads)}
-        for _, (bg, bm, bv) in buckets.items():
+        for bg, bm, bv in buckets:
             self._moments_(bg, bm, bv, cfg.b1, cfg.b2, self._foreach)
             ds = self._direction(bm, bv, bc1_h, bc2_h, cfg.eps, self._foreach)
             for g, d in zip(bg, ds):
@@ -265,12 +247,7 @@ class PerturbedAdam(torch.optim.Optimizer):
             # the parameters are not touched; unlike the core, the moments already moved.
             return loss
         if perturb:
-            if self._noise_fn is not None:
-                normals, uniform = self._noise_fn(params)
-                normals = list(normals)
-            else:
-                normals = draw_normals(params, self._generator)
-                uniform = draw_uniform(self._generator) if cfg.noise == "ball" else None
+            normals, uniform = self._draw(params, cfg.noise == "ball")
             if cfg.noise == "ball":
                 nsq = global_sq_norm(normals, foreach=self._foreach, device=dev)
                 c_real, _ = perturbed_adam_coefficients(
@@ -284,7 +261,7 @@ class PerturbedAdam(torch.optim.Optimizer):
                     learning_rate=lr0,
                 )
                 noise_coef = host_values(c_real.noise)[0]
-            for _, (bp, bz, bm, bv) in group_by_device_dtype(params, normals, mu, nu).items():
+            for bp, bz, bm, bv in group_by_device_dtype(params, normals, mu, nu):
                 if self._foreach:
                     torch._foreach_zero_(bm)
                     torch._foreach_zero_(bv)
@@ -300,7 +277,7 @@ class PerturbedAdam(torch.optim.Optimizer):
                 continue
             ps = [params[i] for i in idx]
             ds = [d_all[i] for i in idx]
-            for _, (bp, bd) in group_by_device_dtype(ps, ds).items():
+            for bp, bd in group_by_device_dtype(ps, ds):
                 foreach_add_(bp, bd, a, foreach=self._foreach)
         return loss
 

@@ -29,21 +29,20 @@ import torch
 
 from psd_core import curvature as _curv
 from psd_core import validation
+from psd_core._array import tree_acc_dtype
 from psd_core.perturbation import PSDState, psd_coefficients, psd_config, psd_gate, psd_init
 from psd_core.theory import psd_constants
 
 from ._common import (
+    GeneratorStateMixin,
     NoiseFn,
     check_params,
     draw_normals,
-    draw_uniform,
     foreach_add_,
     global_sq_norm,
     group_by_device_dtype,
     host_values,
-    make_generator,
     resolve_foreach,
-    tree_acc_dtype,
 )
 
 __all__ = ["PSD"]
@@ -51,7 +50,7 @@ __all__ = ["PSD"]
 _CURVATURE = (None, "grad_diff", "hvp")
 
 
-class PSD(torch.optim.Optimizer):
+class PSD(GeneratorStateMixin, torch.optim.Optimizer):
     r"""Perturbed Saddle-escape Descent (Alpay & Alakkad 2025) on the :mod:`psd_core` state machine.
 
     A standard per-step optimizer: ``loss.backward(); opt.step()``. Each step
@@ -157,8 +156,7 @@ class PSD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr))
         for group in self.param_groups:
             validation.check_nonnegative("lr", group["lr"])
-        first = self.param_groups[0]["params"][0]
-        self._generator = make_generator(seed, first.device)
+        self._init_generator(seed)
 
     # ------------------------------------------------------------------ construction
 
@@ -215,24 +213,6 @@ class PSD(torch.optim.Optimizer):
     def _set_psd_state(self, state: PSDState) -> None:
         self.state["psd"] = dict(state._asdict())
 
-    @property
-    def generator(self) -> torch.Generator:
-        return self._generator
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["generator_state"] = self._generator.get_state()
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        gen_state = state_dict.pop("generator_state", None)
-        super().load_state_dict(state_dict)
-        if gen_state is not None:
-            self._generator.set_state(
-                gen_state.cpu() if isinstance(gen_state, torch.Tensor) else gen_state
-            )
-
     # ------------------------------------------------------------------ step
 
     def _collect(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
@@ -247,14 +227,6 @@ class PSD(torch.optim.Optimizer):
                 grads.append(p.grad)
                 group_index.append(gi)
         return params, grads, group_index
-
-    def _draw(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        if self._noise_fn is not None:
-            normals, uniform = self._noise_fn(params)
-            return list(normals), uniform
-        normals = draw_normals(params, self._generator)
-        uniform = draw_uniform(self._generator) if self._config.noise == "ball" else None
-        return normals, uniform
 
     def _saddle_test(
         self, closure: Callable[[], Any], params: list[torch.Tensor], grads: list[torch.Tensor]
@@ -365,7 +337,7 @@ class PSD(torch.optim.Optimizer):
 
         normals = None
         if perturb:
-            normals, uniform = self._draw(params)
+            normals, uniform = self._draw(params, cfg.noise == "ball")
             if cfg.noise == "ball":
                 nsq = global_sq_norm(normals, foreach=self._foreach, device=dev)
                 c_real, _ = psd_coefficients(
@@ -386,7 +358,7 @@ class PSD(torch.optim.Optimizer):
             gs = [grads[i] for i in idx]
             zs = [normals[i] for i in idx] if normals is not None else ps
             a = grad_coef[gi]
-            for _, (bp, bg, bz) in group_by_device_dtype(ps, gs, zs).items():
+            for bp, bg, bz in group_by_device_dtype(ps, gs, zs):
                 # Noise first, then the gradient step (PSDTorch's order for step_on_perturb).
                 if normals is not None and noise_coef != 0.0:
                     foreach_add_(bp, bz, noise_coef, foreach=self._foreach)

@@ -57,9 +57,11 @@ from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from typing import Any
 
+import array_api_compat.torch as xp
 import torch
 from torch import nn
 
+from psd_core._array import accumulation_dtype
 from psd_core.polyak import (
     SAMSPSCoefficients,
     SAMSPSConfig,
@@ -70,6 +72,7 @@ from psd_core.polyak import (
 from psd_core.validation import check_choice, check_int
 
 from . import _sam_helpers as H
+from ._common import global_sq_norm, group_by_device_dtype
 
 __all__ = ["SAM_SPS"]
 
@@ -175,7 +178,7 @@ class SAM_SPS(torch.optim.Optimizer):
         return self.param_groups[0]["params"][0]
 
     def _acc_dtype(self) -> torch.dtype:
-        dts = {H.acc_dtype(p.dtype) for g in self.param_groups for p in g["params"]}
+        dts = {accumulation_dtype(xp, p.dtype) for g in self.param_groups for p in g["params"]}
         return torch.float64 if torch.float64 in dts else torch.float32
 
     def _ensure_counters(self) -> None:
@@ -343,7 +346,7 @@ class SAM_SPS(torch.optim.Optimizer):
         grads = [g for _, _, gs in lists for g in gs]
         if not grads:
             raise RuntimeError("first_step(): no parameter has a gradient; call backward() first")
-        g2 = H.global_sq_norm(grads, acc, anchor.device, self.foreach)
+        g2 = global_sq_norm(grads, foreach=self.foreach, device=anchor.device, dtype=acc)
         ok = torch.isfinite(g2)
         if loss is not None:
             ok = ok & torch.isfinite(self._loss_scalar(loss, like))
@@ -365,7 +368,7 @@ class SAM_SPS(torch.optim.Optimizer):
             c = sam_perturbation_scale(g2, group["rho"], group["lambd"])
             c = torch.where(ok, c, torch.zeros_like(c))
             bufs = self._buffers(ps)
-            for bp, bb, bg in H.bucket(ps, bufs, gs):
+            for bp, bb, bg in group_by_device_dtype(ps, bufs, gs):
                 d, dt = bp[0].device, bp[0].dtype
                 c_d = c.to(device=d, dtype=dt)
                 H.sanitize_(bg, ok.to(device=d))  # these gradients are discarded next
@@ -420,7 +423,7 @@ class SAM_SPS(torch.optim.Optimizer):
             all_e.extend(p for p, _, _ in with_g)
             all_x.extend(b for _, b, _ in with_g)
         if all_ge:
-            ge2 = H.global_sq_norm(all_ge, acc, dev, self.foreach)
+            ge2 = global_sq_norm(all_ge, foreach=self.foreach, device=dev, dtype=acc)
             if self.restore == "copy":
                 inner = H.global_dot_diff(all_ge, all_e, all_x, acc, dev)  # <g_e, e - x>
             else:
@@ -447,7 +450,7 @@ class SAM_SPS(torch.optim.Optimizer):
             co = cache[cfg]
             first = co if first is None else first
             group["lr"] = co.step_size
-            for bp, bb in H.bucket(ps, bufs):
+            for bp, bb in group_by_device_dtype(ps, bufs):
                 if self.restore == "copy":
                     H.copy_(bp, bb, self.foreach)  # back to x, bit-exactly
                 else:
@@ -471,7 +474,7 @@ class SAM_SPS(torch.optim.Optimizer):
     ) -> None:
         """``x += co.params * x + co.grad * g`` in place; ``g`` is zeroed first when
         the step is skipped so that the update is exactly zero."""
-        for bp, bg in H.bucket(ps, gs):
+        for bp, bg in group_by_device_dtype(ps, gs):
             d, dt = bp[0].device, bp[0].dtype
             H.sanitize_(bg, co.finite.to(device=d))
             if cfg.weight_decay != 0.0:
