@@ -4,7 +4,8 @@
   homogeneous lists, with a per-tensor fallback (``foreach=False``);
 * the core's accumulation dtype (:func:`psd_core._array.accumulation_dtype`,
   :func:`psd_core._array.tree_acc_dtype`) on torch dtypes;
-* the global squared norm of a list of tensors with ``torch._foreach_norm``,
+* the global squared norm of a list of tensors (a BLAS dot per float32/float64 tensor,
+  ``torch._foreach_norm`` for float16/bfloat16),
   accumulated in float32 or better (float16/bfloat16 leaves are reduced in
   float32, float64 leaves keep float64) -- the torch-speed equivalent of
   :func:`psd_core._array.tree_sq_norm` (shared by all three optimizers);
@@ -12,11 +13,16 @@
   checkpoint state and the injectable draws (:class:`GeneratorStateMixin`);
 * normal draws shaped like the parameters;
 * reading a few 0-d flags/coefficients on the host in *one* transfer (free on CPU,
-  one synchronization on CUDA).
+  one synchronization on CUDA);
+* splitting parallel tensor lists into small chunks (:func:`chunked`) so that a
+  multi-pass update keeps its temporaries small and cache-resident instead of
+  allocating parameter-sized buffers every step (on these CPUs an allocation of tens
+  of MB is often returned to the OS and faulted back in on every step).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -28,9 +34,12 @@ from psd_core._array import accumulation_dtype, tree_acc_dtype
 
 __all__ = [
     "GeneratorStateMixin",
+    "acc_dtype",
     "Group",
     "NoiseFn",
+    "CHUNK_NUMEL",
     "check_params",
+    "chunked",
     "draw_normals",
     "draw_uniform",
     "foreach_add_",
@@ -39,6 +48,7 @@ __all__ = [
     "host_values",
     "make_generator",
     "resolve_foreach",
+    "sq_norms",
 ]
 
 Group = tuple[list[torch.Tensor], ...]
@@ -64,12 +74,24 @@ def resolve_foreach(foreach: bool | None) -> bool:
     return True if foreach is None else bool(foreach)
 
 
+@functools.cache
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The core's :func:`~psd_core._array.accumulation_dtype` of a torch dtype, memoized
+    (it is asked once per tensor on the hot path)."""
+    return accumulation_dtype(xp, dtype)
+
+
 def group_by_device_dtype(*lists: Sequence[torch.Tensor]) -> list[Group]:
     """Split parallel tensor lists into groups keyed by the first list's ``(device, dtype)``.
 
     Order inside each group follows the input order, and groups appear in the order
     of their first member, so iteration order is deterministic (draws depend on it).
     """
+    first = lists[0]
+    if first:
+        dev, dt = first[0].device, first[0].dtype
+        if all(t.dtype == dt for t in first) and all(t.device == dev for t in first):
+            return [tuple(list(items) for items in lists)]  # the usual case: one group
     out: dict[tuple[torch.device, torch.dtype], Group] = {}
     for items in zip(*lists):
         key = (items[0].device, items[0].dtype)
@@ -78,6 +100,79 @@ def group_by_device_dtype(*lists: Sequence[torch.Tensor]) -> list[Group]:
         for group, t in zip(out[key], items):
             group.append(t)
     return list(out.values())
+
+
+CHUNK_NUMEL = 1 << 18
+"""Default chunk size of :func:`chunked` (elements; 1 MiB of float32)."""
+
+
+def chunked(*lists: Sequence[torch.Tensor], max_numel: int | None = None) -> list[Group]:
+    """Split parallel tensor lists (one ``(device, dtype)`` group, equal shapes per
+    position) into chunks of at most ``max_numel`` elements of the first list.
+
+    Consecutive small tensors share a chunk; a contiguous tensor larger than
+    ``max_numel`` is cut into flat views of ``max_numel`` elements (all lists at the
+    same offsets), a non-contiguous one forms its own chunk. Order is preserved.
+    Chunks only bound the size of per-chunk temporaries; the values computed are
+    the same elementwise.
+    """
+    if max_numel is None:
+        max_numel = CHUNK_NUMEL
+    out: list[Group] = []
+    cur: Group = tuple([] for _ in lists)
+    n = 0
+    for items in zip(*lists):
+        k = items[0].numel()
+        if k > max_numel and all(t.is_contiguous() for t in items):
+            if cur[0]:
+                out.append(cur)
+                cur, n = tuple([] for _ in lists), 0
+            flats = [t.view(-1) for t in items]
+            for s in range(0, k, max_numel):
+                out.append(tuple([f[s : s + max_numel]] for f in flats))
+            continue
+        if cur[0] and n + k > max_numel:
+            out.append(cur)
+            cur, n = tuple([] for _ in lists), 0
+        for c, t in zip(cur, items):
+            c.append(t)
+        n += k
+    if cur[0]:
+        out.append(cur)
+    return out
+
+
+_DOT_MIN_NUMEL = 1 << 14
+
+
+def sq_norms(
+    tensors: Sequence[torch.Tensor],
+    *,
+    foreach: bool = True,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The squared 2-norms of ``tensors`` (one ``(device, dtype)`` group) as a 1-d
+    tensor of ``dtype`` on ``device``, each reduced in the core's
+    :func:`~psd_core._array.accumulation_dtype`.
+
+    Contiguous float32/float64 tensors of more than ``_DOT_MIN_NUMEL`` elements on
+    average: the sum of squares directly, one BLAS dot per tensor (cheaper than a norm,
+    and no sqrt-then-square rounding). Otherwise (many small tensors, where one foreach
+    call beats a Python loop; float16, bfloat16, non-contiguous): ``torch._foreach_norm``
+    (or a per-tensor norm) in the accumulation dtype, squared.
+    """
+    dt = tensors[0].dtype
+    red = acc_dtype(dt)
+    big = sum(t.numel() for t in tensors) >= _DOT_MIN_NUMEL * len(tensors)
+    if big and red == dt and dt.is_floating_point and all(t.is_contiguous() for t in tensors):
+        sq = [torch.dot(t.view(-1), t.view(-1)) for t in tensors]
+        return torch.stack(sq).to(device=device, dtype=dtype)
+    if foreach:
+        norms = torch._foreach_norm(tensors, 2, dtype=red if red != dt else None)
+    else:
+        norms = [torch.linalg.vector_norm(t, 2, dtype=red) for t in tensors]
+    return torch.stack(norms).to(device=device, dtype=dtype).square()
 
 
 def global_sq_norm(
@@ -89,9 +184,9 @@ def global_sq_norm(
 ) -> torch.Tensor:
     r"""Global squared 2-norm :math:`\sum_{\text{leaves}}\|t\|^2` as a 0-d tensor.
 
-    Each ``(device, dtype)`` group is reduced with ``torch._foreach_norm`` in the
+    Each ``(device, dtype)`` group is reduced with :func:`sq_norms` in the
     core's :func:`~psd_core._array.accumulation_dtype` of its dtype (float32 for
-    fp16/bf16); the per-tensor norms are then squared and summed in ``dtype`` (default: :func:`psd_core._array.tree_acc_dtype` of the
+    fp16/bf16); the per-tensor squared norms are then summed in ``dtype`` (default: :func:`psd_core._array.tree_acc_dtype` of the
     tensors, i.e. float64 when any leaf is float64) on ``device`` (default: the device
     of the first tensor). Never reads a value on the host. Non-finite entries give a
     non-finite result (that is how the core detects a step to skip).
@@ -104,13 +199,7 @@ def global_sq_norm(
     dev = tensors[0].device if device is None else device
     total: torch.Tensor | None = None
     for (ts,) in groups:
-        dt = ts[0].dtype
-        red = accumulation_dtype(xp, dt)
-        if foreach:
-            norms = torch._foreach_norm(ts, 2, dtype=red if red != dt else None)
-        else:
-            norms = [torch.linalg.vector_norm(t, 2, dtype=red) for t in ts]
-        s = torch.stack(norms).to(device=dev, dtype=out).square().sum()
+        s = sq_norms(ts, foreach=foreach, device=dev, dtype=out).sum()
         total = s if total is None else total + s
     assert total is not None
     return total

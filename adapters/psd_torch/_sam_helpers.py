@@ -15,13 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import array_api_compat.torch as xp
 import torch
 from torch import nn
 
-from psd_core._array import accumulation_dtype
-
-from ._common import group_by_device_dtype
+from ._common import acc_dtype, chunked, group_by_device_dtype, sq_norms
 
 __all__ = [
     "addcmul_",
@@ -35,6 +32,7 @@ __all__ = [
     "scaler_found_inf",
     "scaler_merge_found_inf",
     "scaler_reset",
+    "sq_norm_and_dot",
     "sub_",
 ]
 
@@ -109,7 +107,7 @@ def sanitize_(gs: list[torch.Tensor], keep: torch.Tensor) -> None:
 # ---------------------------------------------------------------- reductions
 def _dot_diff(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``<g, a - b>``; the difference is one temporary the size of this tensor."""
-    acc = accumulation_dtype(xp, g.dtype)
+    acc = acc_dtype(g.dtype)
     if acc != g.dtype:  # float16/bfloat16: differences, products and sums in float32
         return torch.sum(g.to(acc) * (a.to(acc) - b.to(acc)))
     d = a - b
@@ -119,7 +117,7 @@ def _dot_diff(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    acc = accumulation_dtype(xp, x.dtype)
+    acc = acc_dtype(x.dtype)
     if acc != x.dtype:  # float16/bfloat16: products and sums in float32
         return torch.sum(x.to(acc) * y.to(acc))
     if x.is_contiguous() and y.is_contiguous():
@@ -152,6 +150,36 @@ def global_dot_diff(
         part = torch.stack([_dot_diff(g, a, b) for g, a, b in zip(bg, ba, bb)]).sum()
         total = total + part.to(device=device, dtype=out_dtype)
     return total
+
+
+def sq_norm_and_dot(
+    gs: list[torch.Tensor],
+    as_: list[torch.Tensor],
+    bs: list[torch.Tensor],
+    out_dtype: torch.dtype,
+    device: torch.device,
+    *,
+    diff: bool,
+    foreach: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:math:`\\sum_i \\|g_i\\|^2` (as :func:`._common.global_sq_norm`) and
+    :math:`\\sum_i \\langle g_i, a_i - b_i\\rangle` (``diff``) or
+    :math:`\\sum_i \\langle g_i, b_i\\rangle`, in one chunked pass over ``g`` (each
+    chunk is reduced twice while it is in cache). 0-d, ``out_dtype``, on ``device``."""
+    sq = torch.zeros((), dtype=out_dtype, device=device)
+    dot = torch.zeros((), dtype=out_dtype, device=device)
+    for bg, ba, bb in group_by_device_dtype(gs, as_, bs):
+        sqs: list[torch.Tensor] = []
+        dots: list[torch.Tensor] = []
+        for cg, ca, cb in chunked(bg, ba, bb):
+            sqs.append(sq_norms(cg, foreach=foreach, device=device, dtype=out_dtype))
+            if diff:
+                dots.extend(_dot_diff(g, a, b) for g, a, b in zip(cg, ca, cb))
+            else:
+                dots.extend(_dot(g, b) for g, b in zip(cg, cb))
+        sq = sq + torch.cat(sqs).sum()
+        dot = dot + torch.stack(dots).sum().to(device=device, dtype=out_dtype)
+    return sq, dot
 
 
 # ---------------------------------------------------------------- GradScaler

@@ -13,6 +13,13 @@ tensor on its own step norm, so different tensors perturb at different times; he
 gate is on the *global* norm of the bias-corrected Adam step. With one parameter tensor
 the two coincide (tested against ``psd_optimizer.PerturbedAdam``).
 
+Memory: the step runs in two passes over small chunks of the parameters
+(:func:`._common.chunked`, about 1 MiB each): pass 1 updates the moments in place and
+reduces the squared norm of the direction, pass 2 recomputes the direction of each chunk
+and applies the core's step coefficient (``p += (step / bc1) * m / (sqrt(v / bc2) + eps)``,
+one ``addcdiv``). No parameter-sized temporary is allocated per step (large per-step
+allocations are returned to the OS and faulted back in, which can double a step).
+
 Host reads: one small stacked transfer per step (finite flag, bias corrections) and one
 for the gate/coefficients; free on CPU, two synchronizations per step on CUDA.
 Non-finite gradients: the step is skipped (parameters and moments untouched) and counted.
@@ -26,6 +33,7 @@ from typing import Any
 import torch
 
 from psd_core import validation
+from psd_core._array import tree_acc_dtype
 from psd_core.perturbation import (
     PerturbedAdamState,
     adam_bias_corrections,
@@ -37,11 +45,13 @@ from ._common import (
     GeneratorStateMixin,
     NoiseFn,
     check_params,
+    chunked,
     foreach_add_,
     global_sq_norm,
     group_by_device_dtype,
     host_values,
     resolve_foreach,
+    sq_norms,
 )
 
 __all__ = ["PerturbedAdam"]
@@ -140,6 +150,20 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
                 v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
 
     @staticmethod
+    def _denominator(
+        nu: list[torch.Tensor], bc2: float, eps: float, foreach: bool
+    ) -> list[torch.Tensor]:
+        """``sqrt(v / bc2) + eps`` (one temporary per tensor; ``/ bc2`` as a product with
+        the reciprocal of the core's bias correction, which is cheaper than a division)."""
+        r2 = 1.0 / bc2
+        if foreach:
+            den = list(torch._foreach_mul(nu, r2))
+            torch._foreach_sqrt_(den)
+            torch._foreach_add_(den, eps)
+            return den
+        return [torch.mul(v, r2).sqrt_().add_(eps) for v in nu]
+
+    @staticmethod
     def _direction(
         mu: list[torch.Tensor],
         nu: list[torch.Tensor],
@@ -150,21 +174,37 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
     ) -> list[torch.Tensor]:
         """:func:`psd_core.perturbation.adam_direction` with one temporary per tensor
         (tested against it): ``(m / bc1) / (sqrt(v / bc2) + eps)``."""
+        den = PerturbedAdam._denominator(nu, bc2, eps, foreach)
+        r1 = 1.0 / bc1
         if foreach:
-            den = list(torch._foreach_div(nu, bc2))
-            torch._foreach_sqrt_(den)
-            torch._foreach_add_(den, eps)
-            # den <- (m / bc1) / den, written into den (no second temporary)
-            torch._foreach_reciprocal_(den)
-            torch._foreach_mul_(den, mu)
-            torch._foreach_div_(den, bc1)
-            return den
-        out = []
-        for m, v in zip(mu, nu):
-            d = torch.div(v, bc2).sqrt_().add_(eps)
-            torch.div(m, d, out=d)
-            out.append(d.div_(bc1))
-        return out
+            d = list(torch._foreach_div(mu, den))  # chunk-sized temporaries (see ``step``)
+            del den
+            torch._foreach_mul_(d, r1)
+            return d
+        for m, d in zip(mu, den):
+            torch.div(m, d, out=d).mul_(r1)
+        return den
+
+    @staticmethod
+    def _apply_direction_(
+        params: list[torch.Tensor],
+        mu: list[torch.Tensor],
+        nu: list[torch.Tensor],
+        step: float,
+        bc1: float,
+        bc2: float,
+        eps: float,
+        foreach: bool,
+    ) -> None:
+        """``p += step * d`` with ``d`` the direction of :meth:`_direction` (``step`` is the
+        core's step coefficient), fused as ``p += (step / bc1) * m / den``."""
+        den = PerturbedAdam._denominator(nu, bc2, eps, foreach)
+        value = step / bc1
+        if foreach:
+            torch._foreach_addcdiv_(params, mu, den, value=value)
+        else:
+            for p, m, d in zip(params, mu, den):
+                p.addcdiv_(m, d, value=value)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -209,15 +249,29 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
             self._store(new)
             return loss
 
-        buckets = group_by_device_dtype(grads, mu, nu)
-        d_all: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
-        pos = {id(g): i for i, g in enumerate(grads)}
-        for bg, bm, bv in buckets:
-            self._moments_(bg, bm, bv, cfg.b1, cfg.b2, self._foreach)
-            ds = self._direction(bm, bv, bc1_h, bc2_h, cfg.eps, self._foreach)
-            for g, d in zip(bg, ds):
-                d_all[pos[id(g)]] = d
-        s2 = global_sq_norm(d_all, foreach=self._foreach, device=dev)
+        # Pass 1, chunk by chunk (small, cache-resident temporaries): update the moments in
+        # place and reduce the squared norm of the direction. Pass 2 (below) recomputes the
+        # direction of each chunk and applies it (fused ``addcdiv``), so no parameter-sized
+        # direction buffer is ever allocated.
+        chunks: list[tuple[int, list[torch.Tensor], ...]] = []
+        for gi in groups_used:
+            idx = [i for i, g in enumerate(gidx) if g == gi]
+            sel = [[lst[i] for i in idx] for lst in (params, grads, mu, nu)]
+            for bucket in group_by_device_dtype(*sel):
+                for cp, cg, cm, cv in chunked(*bucket):
+                    chunks.append((gi, cp, cg, cm, cv))
+        acc = tree_acc_dtype([ch[3][0] for ch in chunks])  # the core's rule, by dtype
+        # On CPU the chunk kernels run per tensor even with foreach=True: CPU foreach ops
+        # are a loop over the same kernels, and the per-tensor direction writes into its
+        # one temporary (measured: fewer page faults, ~10% faster step).
+        fe = self._foreach and dev.type != "cpu"
+        parts = []
+        for _, _, cg, cm, cv in chunks:
+            self._moments_(cg, cm, cv, cfg.b1, cfg.b2, fe)
+            ds = self._direction(cm, cv, bc1_h, bc2_h, cfg.eps, fe)
+            parts.append(sq_norms(ds, foreach=fe, device=dev, dtype=acc))
+            del ds
+        s2 = torch.cat(parts).sum()
         one = torch.ones((), dtype=s2.dtype, device=dev)
         coeffs = {}
         new_state = None
@@ -270,15 +324,11 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
                         t.zero_()
                 foreach_add_(bp, bz, noise_coef, foreach=self._foreach)
             return loss
-        for gi in groups_used:
-            idx = [i for i, g in enumerate(gidx) if g == gi]
+        for gi, cp, _, cm, cv in chunks:
             a = step_coef[gi]
             if a == 0.0:
                 continue
-            ps = [params[i] for i in idx]
-            ds = [d_all[i] for i in idx]
-            for bp, bd in group_by_device_dtype(ps, ds):
-                foreach_add_(bp, bd, a, foreach=self._foreach)
+            self._apply_direction_(cp, cm, cv, a, bc1_h, bc2_h, cfg.eps, fe)
         return loss
 
     def _store(self, new: PerturbedAdamState) -> None:

@@ -40,6 +40,10 @@ denominator are global (loss at :math:`e`,
 ``gamma_b`` acts as a per-group cap). With one group (the usual case) this is
 exactly the published algorithm.
 
+Passes: the moves to :math:`e` and back and the descent step run chunk by chunk
+(:func:`._common.chunked`), and :math:`\|\nabla f(e)\|^2` and the inner product are
+reduced in one chunked pass, so each chunk is still in cache for its next operation.
+
 Non-finite policy (the core's): when the loss at :math:`x` (if given) or at
 :math:`e`, either gradient norm, or a ``GradScaler`` inf check is not finite, the
 step is skipped: no perturbation is applied when the first pass is bad, the
@@ -72,7 +76,7 @@ from psd_core.polyak import (
 from psd_core.validation import check_choice, check_int
 
 from . import _sam_helpers as H
-from ._common import global_sq_norm, group_by_device_dtype
+from ._common import chunked, global_sq_norm, group_by_device_dtype
 
 __all__ = ["SAM_SPS"]
 
@@ -372,13 +376,15 @@ class SAM_SPS(torch.optim.Optimizer):
                 d, dt = bp[0].device, bp[0].dtype
                 c_d = c.to(device=d, dtype=dt)
                 H.sanitize_(bg, ok.to(device=d))  # these gradients are discarded next
-                if self.restore == "copy":
-                    H.copy_(bb, bp, self.foreach)  # save x
-                    H.addcmul_(bp, bg, c_d, self.foreach)  # x -> e
-                else:
-                    H.copy_(bb, bg, self.foreach)
-                    H.mul_(bb, c_d, self.foreach)  # offset c g
-                    H.add_(bp, bb, self.foreach)  # x -> e
+                # Chunk by chunk, so that each chunk is still in cache for its second op.
+                for cp, cb, cg in chunked(bp, bb, bg):
+                    if self.restore == "copy":
+                        H.copy_(cb, cp, self.foreach)  # save x
+                        H.addcmul_(cp, cg, c_d, self.foreach)  # x -> e
+                    else:
+                        H.copy_(cb, cg, self.foreach)
+                        H.mul_(cb, c_d, self.foreach)  # offset c g
+                        H.add_(cp, cb, self.foreach)  # x -> e
         self.zero_grad(set_to_none=True)
         H.scaler_reset(scaler, self)
         self._pending = {
@@ -423,11 +429,10 @@ class SAM_SPS(torch.optim.Optimizer):
             all_e.extend(p for p, _, _ in with_g)
             all_x.extend(b for _, b, _ in with_g)
         if all_ge:
-            ge2 = global_sq_norm(all_ge, foreach=self.foreach, device=dev, dtype=acc)
-            if self.restore == "copy":
-                inner = H.global_dot_diff(all_ge, all_e, all_x, acc, dev)  # <g_e, e - x>
-            else:
-                inner = H.global_dot(all_ge, all_x, acc, dev)  # <g_e, offset>
+            # ||g_e||^2 and <g_e, e - x> (copy) or <g_e, offset> (subtract) in one pass
+            ge2, inner = H.sq_norm_and_dot(
+                all_ge, all_e, all_x, acc, dev, diff=self.restore == "copy", foreach=self.foreach
+            )
         else:
             ge2 = torch.full((), float("nan"), dtype=acc, device=dev)
             inner = torch.zeros((), dtype=acc, device=dev)
@@ -450,13 +455,19 @@ class SAM_SPS(torch.optim.Optimizer):
             co = cache[cfg]
             first = co if first is None else first
             group["lr"] = co.step_size
-            for bp, bb in group_by_device_dtype(ps, bufs):
-                if self.restore == "copy":
-                    H.copy_(bp, bb, self.foreach)  # back to x, bit-exactly
-                else:
-                    H.sub_(bp, bb, self.foreach)  # back to x, up to a rounding
+            if len(with_g) < len(ps):  # perturbed without a gradient now: only moved back
+                gone = [(p, b) for p, b in zip(ps, bufs) if p.grad is None]
+                for bp, bb in group_by_device_dtype(*map(list, zip(*gone))):
+                    self._restore_(bp, bb)
             if with_g:
-                self._descend([p for p, _, _ in with_g], [g for _, _, g in with_g], co, cfg)
+                # Moving back and the descent step, fused chunk by chunk.
+                self._descend(
+                    [p for p, _, _ in with_g],
+                    [g for _, _, g in with_g],
+                    co,
+                    cfg,
+                    saved=[b for _, b, _ in with_g],
+                )
         assert first is not None
         self._finish(first.finite)
         if pending["found"] is not None:
@@ -465,21 +476,52 @@ class SAM_SPS(torch.optim.Optimizer):
         return first.step_size
 
     # ------------------------------------------------------------ shared pieces
+    def _restore_(self, ps: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+        """Move the parameters back to ``x`` from the ``x``/``offset`` buffers."""
+        if self.restore == "copy":
+            H.copy_(ps, saved, self.foreach)  # back to x, bit-exactly
+        else:
+            H.sub_(ps, saved, self.foreach)  # back to x, up to a rounding
+
     def _descend(
         self,
         ps: list[torch.Tensor],
         gs: list[torch.Tensor],
         co: SAMSPSCoefficients,
         cfg: SAMSPSConfig,
+        saved: list[torch.Tensor] | None = None,
     ) -> None:
         """``x += co.params * x + co.grad * g`` in place; ``g`` is zeroed first when
-        the step is skipped so that the update is exactly zero."""
-        for bp, bg in group_by_device_dtype(ps, gs):
+        the step is skipped so that the update is exactly zero. With ``saved`` (the
+        ``x``/``offset`` buffers), each chunk is first moved back to ``x`` (chunk by
+        chunk, so the three passes over a chunk hit the cache)."""
+        lists = [ps, gs] if saved is None else [ps, gs, saved]
+        for bucket in group_by_device_dtype(*lists):
+            bp, bg = bucket[0], bucket[1]
             d, dt = bp[0].device, bp[0].dtype
             H.sanitize_(bg, co.finite.to(device=d))
-            if cfg.weight_decay != 0.0:
-                H.addcmul_(bp, bp, co.params.to(device=d, dtype=dt), self.foreach)
-            H.addcmul_(bp, bg, co.grad.to(device=d, dtype=dt), self.foreach)
+            c_p = co.params.to(device=d, dtype=dt)
+            c_g = co.grad.to(device=d, dtype=dt)
+            # CPU, restore="copy", weight decay: ``p = x + c_p * x`` written straight from
+            # the saved ``x`` (same values as copying back, then ``p += c_p * p``; one pass
+            # less). Per tensor with ``out=``: on CPU foreach ops are a loop anyway.
+            from_x = (
+                saved is not None
+                and self.restore == "copy"
+                and cfg.weight_decay != 0.0
+                and d.type == "cpu"
+            )
+            for chunk in chunked(*bucket):
+                cp, cg = chunk[0], chunk[1]
+                if from_x:
+                    for p, x in zip(cp, chunk[2]):
+                        torch.addcmul(x, x, c_p, out=p)
+                else:
+                    if saved is not None:
+                        self._restore_(cp, chunk[2])
+                    if cfg.weight_decay != 0.0:
+                        H.addcmul_(cp, cp, c_p, self.foreach)
+                H.addcmul_(cp, cg, c_g, self.foreach)
 
     def _finish(self, finite: torch.Tensor) -> None:
         assert self._count is not None and self._skipped is not None
