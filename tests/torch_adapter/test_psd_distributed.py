@@ -54,7 +54,12 @@ WORKER = COMMON + textwrap.dedent(
         opt.step()
     torch.save({"params": [p.detach() for p in net.module.parameters()],
                 "episodes": int(opt.psd_state.episodes)}, out)
-    dist.destroy_process_group()
+    # Both ranks have finished communicating and written their results. Leave without
+    # running C++ destructors: gloo's threads can abort ("terminate called without an
+    # active exception") during interpreter shutdown on a loaded machine.
+    dist.barrier()
+    import os
+    os._exit(0)
     """
 )
 
