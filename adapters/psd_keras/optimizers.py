@@ -266,7 +266,16 @@ class PSD(_CoreOptimizer):
         self.max_episodes = max_episodes
 
     def _initial_scalars(self) -> dict[str, Any]:
-        return {"since_perturb": self._config.t_thres + 1}
+        # The core's initial state (psd_init), read once on the host at build time,
+        # so the initial values (e.g. since_perturb = t_thres + 1) live only in the core.
+        import numpy as np
+
+        init = psd_core.perturbation.psd_init(np.zeros((), dtype=np.float32), self._config)
+        kinds = dict(self._SCALARS)
+        return {
+            name: float(value) if kinds.get(name) == "float" else int(value)
+            for name, value in init._asdict().items()
+        }
 
     def build(self, variables: Any) -> None:
         if self.built:
