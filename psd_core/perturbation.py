@@ -346,16 +346,28 @@ def psd_coefficients(
     return PSDCoefficients(grad=grad_coef, noise=noise_coef, finite=fin, perturb=perturb), new_state
 
 
-def psd_updates(coeffs: PSDCoefficients, grads: Tree, normals: Tree | None) -> list[Array]:
-    """Generic applier: ``where(finite, a * g + b * z, 0)`` leafwise (``z`` optional)."""
-    xp = namespace(grads)
+def psd_updates(coeffs: PSDCoefficients, grads: Tree | None, normals: Tree | None) -> list[Array]:
+    """Generic applier: ``where(finite, a * g + b * z, 0)`` leafwise.
+
+    Either part may be left out: ``normals=None`` gives the gradient part
+    ``where(finite, a * g, 0)`` and ``grads=None`` the noise part
+    ``where(finite, b * z, 0)``. Their sum equals the whole update exactly whenever
+    ``a == 0`` or ``b == 0`` (every step unless ``step_on_perturb=True``, where the
+    two roundings may differ by an ulp). Adapters use the split to apply the noise
+    only on perturbing steps (see ``psd_optax.update_and_apply``).
+    """
+    like = grads if grads is not None else normals
+    if like is None:
+        raise ValueError("psd_updates: grads and normals cannot both be None")
+    xp = namespace(like)
     out = []
-    for i, g in enumerate(grads):
-        u = coefficient_for(coeffs.grad, g) * g
+    for i, x in enumerate(like):
+        u = coefficient_for(coeffs.grad, x) * x if grads is not None else None
         if normals is not None:
-            u = u + coefficient_for(coeffs.noise, g) * normals[i]
+            z = coefficient_for(coeffs.noise, x) * normals[i]
+            u = z if u is None else u + z
         out.append(u)
-    zeros = [xp.zeros_like(g) for g in grads]
+    zeros = [xp.zeros_like(x) for x in like]
     return tree_select(coeffs.finite, out, zeros)
 
 

@@ -93,6 +93,18 @@ def scenario(backend: str, dtype: str) -> dict[str, object]:
     )
     out["psd_coefficients"] = [coeffs.grad, coeffs.noise, coeffs.perturb, st2.episode_left]
     out["psd_gate"] = [P.psd_gate(A.tree_sq_norm(g), st, cfg).open]
+    # the applier, whole and in its two parts (the fused optax step uses the parts)
+    both = P.PSDCoefficients(
+        grad=c(np.asarray(-0.1)),
+        noise=c(np.asarray(0.3)),
+        finite=coeffs.finite,
+        perturb=coeffs.perturb,
+    )
+    out["psd_updates"] = [
+        P.psd_updates(both, g, z),
+        P.psd_updates(both, g, None),
+        P.psd_updates(both, None, z),
+    ]
 
     # Perturbed Adam: 5 steps, the last ones small enough to perturb
     tx = psd_core.perturbed_adam(0.01, g_thres=5.0, t_thres=2)

@@ -117,3 +117,24 @@ def test_solvers_reject_mismatched_start_points() -> None:
         S.gd(p, np.zeros(5), lr=0.1)
     with pytest.raises(ValueError, match="1-D"):
         S.gd(p, np.zeros((2, 2)), lr=0.1)
+
+
+def test_psd_updates_needs_one_part() -> None:
+    from psd_core import perturbation as P
+
+    coeffs = P.PSDCoefficients(
+        grad=np.asarray(-0.1),
+        noise=np.asarray(0.0),
+        finite=np.asarray(True),
+        perturb=np.asarray(False),
+    )
+    with pytest.raises(ValueError, match="grads and normals cannot both be None"):
+        P.psd_updates(coeffs, None, None)
+    # the two parts add up to the whole update (exactly here: b = 0)
+    g, z = [np.arange(3.0)], [np.ones(3)]
+    whole = P.psd_updates(coeffs, g, z)[0]
+    parts = P.psd_updates(coeffs, g, None)[0] + P.psd_updates(coeffs, None, z)[0]
+    np.testing.assert_array_equal(whole, parts)
+    # and a non-finite step zeroes both parts
+    bad = coeffs._replace(finite=np.asarray(False), noise=np.asarray(1.0))
+    assert not P.psd_updates(bad, None, z)[0].any()
