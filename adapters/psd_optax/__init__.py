@@ -8,7 +8,8 @@
 All the math (gates, state machines, coefficients, the non-finite policy) comes from
 :mod:`psd_core`; this package flattens pytrees, keeps the PRNG key in the state,
 draws noise with ``jax.random`` only on perturbing steps (``jax.lax.cond``) and
-returns optax updates. Everything is jit-able, vmap-able and works with sharded
+returns optax updates. :func:`update_and_apply` is the fused step (update and
+apply in one, noise added by an in-place ``lax.while_loop``). Everything is jit-able, vmap-able and works with sharded
 parameters. See ``docs/guides/optax.md``.
 """
 
@@ -18,6 +19,7 @@ from psd_core.polyak import SAMSPSState
 
 from ._adam import PerturbedAdamState, perturbed_adam
 from ._common import NoiseFn, gaussian_noise
+from ._fused import update_and_apply
 from ._psd import PSDState, from_theory, psd
 from ._sam_sps import sam_sps
 
@@ -31,4 +33,5 @@ __all__ = [
     "perturbed_adam",
     "psd",
     "sam_sps",
+    "update_and_apply",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ from ._common import (
     draws_if,
     gaussian_noise,
     init_key,
+    noise_if,
     resolve_hparams,
 )
 
@@ -126,10 +127,9 @@ def perturbed_adam(
             key=init_key(seed),
         )
 
-    def update_fn(
-        updates: optax.Updates, state: PerturbedAdamState, params: optax.Params | None = None
-    ) -> tuple[optax.Updates, PerturbedAdamState]:
-        del params
+    def prologue(updates: optax.Updates, state: PerturbedAdamState) -> Any:
+        """Moments, direction, norms and the core's verdict (placeholder noise statistics:
+        the gate, the step coefficient and the state do not depend on them)."""
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         mu = treedef.flatten_up_to(state.mu)
         nu = treedef.flatten_up_to(state.nu)
@@ -148,33 +148,35 @@ def perturbed_adam(
         bc1, bc2 = core.adam_bias_corrections(state.count + 1, cfg.b1, cfg.b2, g2)
         direction = core.adam_direction(mu1, nu1, bc1, bc2, cfg.eps)
         s2 = tree_sq_norm(direction)
-        # The gate does not depend on the noise statistics: ask the core once with
-        # placeholder statistics whether this step perturbs, draw only then.
         one = jnp.ones_like(s2)
-        probe, _ = core.perturbed_adam_coefficients(
+        probe, new = core.perturbed_adam_coefficients(
             s2, g2, cstate, cfg, dim=dim, noise_sq_norm=one, uniform=one
         )
-        normals, noise_sq_norm, uniform, key = draws_if(
-            probe.perturb, state.key, leaves, s2, noise_fn
-        )
-        coeffs, new = core.perturbed_adam_coefficients(
-            s2,
-            g2,
-            cstate,
-            cfg,
-            dim=dim,
-            noise_sq_norm=noise_sq_norm if cfg.noise == "ball" else None,
-            uniform=uniform,
-        )
-        upd = core.psd_updates(_as_psd_coeffs(coeffs), direction, normals)
+
+        def coefficients(nsq: jax.Array, uniform: jax.Array) -> core.AdamCoefficients:
+            return core.perturbed_adam_coefficients(
+                s2,
+                g2,
+                cstate,
+                cfg,
+                dim=dim,
+                noise_sq_norm=nsq if cfg.noise == "ball" else None,
+                uniform=uniform,
+            )[0]
+
         # Moments as in the core's vector layer: new ones on a plain finite step,
         # zeros on a perturbation, old ones on a skipped step.
         zeros = [jnp.zeros_like(x) for x in mu]
-        keep_new = coeffs.finite & ~coeffs.perturb
-        m = tree_select(keep_new, mu1, tree_select(coeffs.perturb, zeros, mu))
-        v = tree_select(keep_new, nu1, tree_select(coeffs.perturb, zeros, nu))
+        keep_new = probe.finite & ~probe.perturb
+        m = tree_select(keep_new, mu1, tree_select(probe.perturb, zeros, mu))
+        v = tree_select(keep_new, nu1, tree_select(probe.perturb, zeros, nu))
+        return leaves, treedef, direction, s2, probe, coefficients, new, m, v
+
+    def new_state(
+        treedef: Any, new: core.PerturbedAdamState, m: list, v: list, key: jax.Array
+    ) -> PerturbedAdamState:
         unflat = jax.tree_util.tree_unflatten
-        return unflat(treedef, upd), PerturbedAdamState(
+        return PerturbedAdamState(
             count=new.count,
             mu=unflat(treedef, m),
             nu=unflat(treedef, v),
@@ -185,4 +187,31 @@ def perturbed_adam(
             key=key,
         )
 
+    def update_fn(
+        updates: optax.Updates, state: PerturbedAdamState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, PerturbedAdamState]:
+        del params
+        leaves, treedef, direction, s2, probe, coefficients, new, m, v = prologue(updates, state)
+        normals, noise_sq_norm, uniform, key = draws_if(
+            probe.perturb, state.key, leaves, s2, noise_fn
+        )
+        coeffs = coefficients(noise_sq_norm, uniform)
+        upd = core.psd_updates(_as_psd_coeffs(coeffs), direction, normals)
+        return jax.tree_util.tree_unflatten(treedef, upd), new_state(treedef, new, m, v, key)
+
+    def fused_apply(
+        updates: optax.Updates, state: PerturbedAdamState, params: optax.Params
+    ) -> tuple[optax.Params, PerturbedAdamState]:
+        leaves, treedef, direction, s2, probe, coefficients, new, m, v = prologue(updates, state)
+        p = treedef.flatten_up_to(params)
+        p = optax.apply_updates(p, core.psd_updates(_as_psd_coeffs(probe), direction, None))
+
+        def add_noise(p: list, normals: list, nsq: jax.Array, u: jax.Array) -> Any:
+            c = _as_psd_coeffs(coefficients(nsq, u))
+            return optax.apply_updates(p, core.psd_updates(c, None, normals))
+
+        p, key = noise_if(probe.perturb, state.key, p, leaves, s2, noise_fn, add_noise)
+        return jax.tree_util.tree_unflatten(treedef, p), new_state(treedef, new, m, v, key)
+
+    update_fn.fused_apply = fused_apply  # type: ignore[attr-defined]
     return optax.GradientTransformation(init_fn, update_fn)

@@ -18,6 +18,7 @@ __all__ = [
     "NoiseFn",
     "check_seed",
     "draws_if",
+    "noise_if",
     "gaussian_noise",
     "init_key",
     "resolve_hparams",
@@ -155,3 +156,42 @@ def draws_if(
         return [jnp.zeros_like(x) for x in leaves], one, one, key
 
     return jax.lax.cond(pred, draw, skip, None)
+
+
+def noise_if(
+    pred: jax.Array,
+    key: jax.Array,
+    params: list[jax.Array],
+    template: list[jax.Array],
+    like: jax.Array,
+    noise_fn: NoiseFn,
+    add_noise: Callable[[list[jax.Array], list[jax.Array], jax.Array, jax.Array], list[jax.Array]],
+) -> tuple[list[jax.Array], jax.Array]:
+    """``add_noise(params, normals, ||normals||^2, uniform)`` only where ``pred`` holds.
+
+    The draws are ``noise_fn(subkey, template)`` (``template``: the gradient leaves,
+    so that they are the same draws as :func:`draws_if` makes).
+
+    The fused counterpart of :func:`draws_if`: a ``jax.lax.while_loop`` that runs
+    its body once when ``pred`` is true and not at all otherwise. A while loop
+    updates its carried buffers in place, so on the usual, non-perturbing step
+    nothing parameter-sized is written (``lax.cond`` would have to produce its
+    outputs in fresh buffers on both branches). The key is advanced only when the
+    body runs, exactly as in :func:`draws_if`.
+    """
+
+    def body(
+        carry: tuple[jax.Array, list[jax.Array], jax.Array],
+    ) -> tuple[jax.Array, list[jax.Array], jax.Array]:
+        i, leaves, k = carry
+        new_key, sub = jax.random.split(k)
+        normals, uniform = noise_fn(sub, template)
+        normals = list(normals)
+        nsq = tree_sq_norm(normals).astype(like.dtype)
+        return i + 1, list(add_noise(leaves, normals, nsq, uniform.astype(like.dtype))), new_key
+
+    trips = jnp.asarray(pred, jnp.int32)
+    _, out, key = jax.lax.while_loop(
+        lambda carry: carry[0] < trips, body, (jnp.zeros_like(trips), list(params), key)
+    )
+    return out, key

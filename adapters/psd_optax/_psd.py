@@ -12,7 +12,15 @@ from psd_core import perturbation as core
 from psd_core._array import tree_acc_dtype, tree_size, tree_sq_norm
 from psd_core.theory import psd_constants
 
-from ._common import NoiseFn, check_seed, draws_if, gaussian_noise, init_key, resolve_hparams
+from ._common import (
+    NoiseFn,
+    check_seed,
+    draws_if,
+    gaussian_noise,
+    init_key,
+    noise_if,
+    resolve_hparams,
+)
 
 __all__ = ["PSDState", "from_theory", "psd"]
 
@@ -50,30 +58,61 @@ def _from_core(state: core.PSDState, key: jax.Array) -> PSDState:
 
 
 def _psd_update_fn(cfg_fn: Any, noise_fn: NoiseFn) -> Any:
-    """``update(grads, state, params=None)`` for a config built per call by ``cfg_fn(leaves)``."""
+    """``update(grads, state, params=None)`` for a config built per call by ``cfg_fn(leaves)``.
+
+    The returned function carries the fused step ``update.fused_apply(grads, state,
+    params) -> (new_params, new_state)`` used by :func:`psd_optax.update_and_apply`.
+    """
+
+    def prologue(updates: optax.Updates, state: PSDState) -> Any:
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        cfg = cfg_fn(leaves)
+        cstate = _to_core(state)
+        g2 = tree_sq_norm(leaves)
+        return leaves, treedef, cfg, tree_size(leaves), cstate, g2
+
+    def coefficients(g2: Any, cstate: Any, cfg: Any, dim: int, nsq: Any, uniform: Any) -> Any:
+        return core.psd_coefficients(
+            g2,
+            cstate,
+            cfg,
+            dim=dim,
+            noise_sq_norm=nsq if cfg.noise == "ball" else None,
+            uniform=uniform,
+        )
 
     def update_fn(
         updates: optax.Updates, state: PSDState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, PSDState]:
         del params
-        leaves, treedef = jax.tree_util.tree_flatten(updates)
-        cfg = cfg_fn(leaves)
-        dim = tree_size(leaves)
-        cstate = _to_core(state)
-        g2 = tree_sq_norm(leaves)
+        leaves, treedef, cfg, dim, cstate, g2 = prologue(updates, state)
         gate = core.psd_gate(g2, cstate, cfg)
         normals, noise_sq_norm, uniform, key = draws_if(gate.open, state.key, leaves, g2, noise_fn)
-        coeffs, new_state = core.psd_coefficients(
-            g2,
-            cstate,
-            cfg,
-            dim=dim,
-            noise_sq_norm=noise_sq_norm if cfg.noise == "ball" else None,
-            uniform=uniform,
-        )
+        coeffs, new_state = coefficients(g2, cstate, cfg, dim, noise_sq_norm, uniform)
         new_leaves = core.psd_updates(coeffs, leaves, normals)
         return jax.tree_util.tree_unflatten(treedef, new_leaves), _from_core(new_state, key)
 
+    def fused_apply(
+        updates: optax.Updates, state: PSDState, params: optax.Params
+    ) -> tuple[optax.Params, PSDState]:
+        leaves, treedef, cfg, dim, cstate, g2 = prologue(updates, state)
+        p_leaves = treedef.flatten_up_to(params)
+        # The state and the gradient coefficient do not depend on the draws (only
+        # the noise coefficient does): ask the core with placeholder statistics.
+        one = jnp.ones_like(g2)
+        coeffs, new_state = coefficients(g2, cstate, cfg, dim, one, one)
+        p_leaves = optax.apply_updates(p_leaves, core.psd_updates(coeffs, leaves, None))
+
+        def add_noise(p: list[jax.Array], normals: list[jax.Array], nsq: Any, u: Any) -> Any:
+            c, _ = coefficients(g2, cstate, cfg, dim, nsq, u)
+            return optax.apply_updates(p, core.psd_updates(c, None, normals))
+
+        p_leaves, key = noise_if(
+            coeffs.perturb, state.key, p_leaves, leaves, g2, noise_fn, add_noise
+        )
+        return jax.tree_util.tree_unflatten(treedef, p_leaves), _from_core(new_state, key)
+
+    update_fn.fused_apply = fused_apply  # type: ignore[attr-defined]
     return update_fn
 
 

@@ -42,6 +42,8 @@ CHILD = textwrap.dedent(
             v, g = vg(p, xb, yb)
             if kind == "sam":
                 u, s = tx.update(g, s, p, value=v, value_and_grad_fn=lambda q: vg(q, xb, yb))
+            elif kind == "fused":
+                return psd_optax.update_and_apply(tx, g, s, p)
             else:
                 u, s = tx.update(g, s, p)
             return optax.apply_updates(p, u), s
@@ -56,6 +58,8 @@ CHILD = textwrap.dedent(
         "perturbed_adam": (lambda: psd_optax.perturbed_adam(0.02, g_thres=1e3, t_thres=4, r=0.1), "plain"),
         "sam_sps": (lambda: psd_optax.sam_sps(rho=0.05, gamma_b=0.5), "sam"),
     }
+    makers["psd fused"] = (makers["psd"][0], "fused")
+    makers["perturbed_adam fused"] = (makers["perturbed_adam"][0], "fused")
     dev0 = jax.devices()[0]
     meshes = {
         "explicit": jax.make_mesh((2,), ("x",), axis_types=(AxisType.Explicit,)),
@@ -75,9 +79,9 @@ CHILD = textwrap.dedent(
         assert p2["w"].sharding.is_equivalent_to(w_shard, 2), (name, p2["w"].sharding)
         for a, b in zip(jax.tree_util.tree_leaves((p1, s1)), jax.tree_util.tree_leaves((p2, s2))):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12, err_msg=f"{mesh_name} {name}")
-        if name == "psd":
+        if name.startswith("psd"):
             assert int(s2.episodes) >= 1, int(s2.episodes)
-        if name == "perturbed_adam":
+        if name.startswith("perturbed_adam"):
             assert int(s2.perturbations) >= 1, int(s2.perturbations)
     print("SHARDING-OK")
     """
