@@ -6,6 +6,10 @@ returns the pre-filled gradients and a constant loss (optimizer work only, no mo
 Each optimizer is timed with and without donated ``params``/``state`` buffers; the
 runs are interleaved (round robin) and the best of ``--repeats`` rounds is kept.
 
+Rows marked ``(fused)`` step with :func:`psd_optax.update_and_apply` (update and
+apply in one, the noise added by an in-place ``lax.while_loop``) instead of
+``tx.update`` + ``optax.apply_updates``.
+
 Usage::
 
     python benchmarks/bench_optax.py                  # 10M params in 100 leaves
@@ -43,6 +47,8 @@ def make_tree(n_params: int, n_leaves: int, seed: int) -> dict[str, jax.Array]:
 def build(name: str, grads: Any) -> tuple[Any, Callable[..., Any]]:
     """(transformation, step(params, state, grads) -> (params, state))."""
     lr = 1e-3
+    fused = name.endswith(" (fused)")
+    name = name.removesuffix(" (fused)")
     if name == "sgd":
         tx = optax.sgd(lr)
     elif name == "adam":
@@ -79,6 +85,11 @@ def build(name: str, grads: Any) -> tuple[Any, Callable[..., Any]]:
             )
             return optax.apply_updates(params, u), state
 
+    elif fused:
+
+        def step(params: Any, state: Any, g: Any) -> Any:
+            return psd_optax.update_and_apply(tx, g, state, params)
+
     else:
 
         def step(params: Any, state: Any, g: Any) -> Any:
@@ -100,7 +111,17 @@ def main(argv: list[str] | None = None) -> None:
 
     params0 = make_tree(args.params, args.leaves, 0)
     grads = make_tree(args.params, args.leaves, 1)
-    names = ["sgd", "psd", "polyak_sgd", "sam_sps", "contrib.sam", "adam", "perturbed_adam"]
+    names = [
+        "sgd",
+        "psd",
+        "psd (fused)",
+        "polyak_sgd",
+        "sam_sps",
+        "contrib.sam",
+        "adam",
+        "perturbed_adam",
+        "perturbed_adam (fused)",
+    ]
     runs: dict[tuple[str, bool], Any] = {}
     for name in names:
         for donate in (False, True):
@@ -127,11 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     baseline = {
         "sgd": "sgd",
         "psd": "sgd",
+        "psd (fused)": "sgd",
         "polyak_sgd": "sgd",
         "sam_sps": "sgd",
         "contrib.sam": "sgd",
         "adam": "adam",
         "perturbed_adam": "adam",
+        "perturbed_adam (fused)": "adam",
     }
     print(
         f"# psd_optax benchmark: {args.params:,} float32 params in {args.leaves} leaves, "
@@ -147,10 +170,11 @@ def main(argv: list[str] | None = None) -> None:
             t = best[(name, donate)]
             row += [f"{1e3 * t:.2f}", f"{t / best[(b, donate)]:.2f}x"]
         print("| " + " | ".join(row) + " |")
-    for donate in (False, True):
-        r = best[("psd", donate)] / best[("polyak_sgd", donate)]
-        print(f"\npsd / polyak_sgd{' (donated)' if donate else ''}: {r:.2f}x", end="")
     print()
+    for name in ("psd", "psd (fused)"):
+        for donate in (False, True):
+            r = best[(name, donate)] / best[("polyak_sgd", donate)]
+            print(f"{name} / polyak_sgd{' (donated)' if donate else ''}: {r:.2f}x")
 
 
 if __name__ == "__main__":
