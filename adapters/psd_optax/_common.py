@@ -130,6 +130,17 @@ def resolve_hparams(
     return cfg
 
 
+def _draw(
+    key: jax.Array, template: Sequence[jax.Array], like: jax.Array, noise_fn: NoiseFn
+) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
+    """One perturbation's draws from ``key``: ``(normals, ||normals||^2, uniform, next_key)``
+    (the key is split once; the statistics are cast to ``like``'s dtype)."""
+    new_key, sub = jax.random.split(key)
+    normals, uniform = noise_fn(sub, template)
+    normals = list(normals)
+    return normals, tree_sq_norm(normals).astype(like.dtype), uniform.astype(like.dtype), new_key
+
+
 def draws_if(
     pred: jax.Array, key: jax.Array, leaves: list[jax.Array], like: jax.Array, noise_fn: NoiseFn
 ) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
@@ -142,14 +153,7 @@ def draws_if(
     """
 
     def draw(_: None) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
-        new_key, sub = jax.random.split(key)
-        normals, uniform = noise_fn(sub, leaves)
-        return (
-            list(normals),
-            tree_sq_norm(normals).astype(like.dtype),
-            uniform.astype(like.dtype),
-            new_key,
-        )
+        return _draw(key, leaves, like, noise_fn)
 
     def skip(_: None) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
         one = jnp.ones_like(like)
@@ -184,11 +188,8 @@ def noise_if(
         carry: tuple[jax.Array, list[jax.Array], jax.Array],
     ) -> tuple[jax.Array, list[jax.Array], jax.Array]:
         i, leaves, k = carry
-        new_key, sub = jax.random.split(k)
-        normals, uniform = noise_fn(sub, template)
-        normals = list(normals)
-        nsq = tree_sq_norm(normals).astype(like.dtype)
-        return i + 1, list(add_noise(leaves, normals, nsq, uniform.astype(like.dtype))), new_key
+        normals, nsq, uniform, new_key = _draw(k, template, like, noise_fn)
+        return i + 1, list(add_noise(leaves, normals, nsq, uniform)), new_key
 
     trips = jnp.asarray(pred, jnp.int32)
     _, out, key = jax.lax.while_loop(

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax_trees import to_tree, to_vec
 
 import psd_core
 import psd_optax
@@ -22,15 +23,6 @@ jax.config.update("jax_enable_x64", True)
 
 # A pytree of mixed shapes holding a 5-vector (the coupled quartic's variable).
 SHAPES = {"a": (2,), "b": (3, 1)}
-
-
-def to_tree(x):
-    x = jnp.asarray(x)
-    return {"a": x[:2], "b": x[2:].reshape(3, 1)}
-
-
-def to_vec(tree):
-    return jnp.concatenate([tree["a"].reshape(-1), tree["b"].reshape(-1)])
 
 
 def np_leaves(tree):

@@ -7,10 +7,10 @@ transformation makes from its own PRNG key on the same step.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax_trees import to_tree, to_vec
 
 import psd_optax
 from psd_core.functions import coupled_quartic
@@ -21,15 +21,6 @@ psd_torch = pytest.importorskip("psd_torch")
 jax.config.update("jax_enable_x64", True)
 
 PROBLEM = coupled_quartic(5)
-
-
-def to_tree(x):
-    x = jnp.asarray(x)
-    return {"a": x[:2], "b": x[2:].reshape(3, 1)}
-
-
-def to_vec(tree):
-    return jnp.concatenate([tree["a"].reshape(-1), tree["b"].reshape(-1)])
 
 
 @pytest.mark.parametrize(
