@@ -6,6 +6,12 @@ returns the pre-filled gradients and a constant loss (optimizer work only, no mo
 Each optimizer is timed with and without donated ``params``/``state`` buffers; the
 runs are interleaved (round robin) and the best of ``--repeats`` rounds is kept.
 
+Two reference rows build, from Optax's own parts, what PerturbedAdam's gate needs on
+top of Adam: ``adam + update norm`` keeps the global norm of Adam's update in its
+state (the gate is on that norm), and ``apply_if_finite(adam)`` is
+``optax.apply_if_finite`` around Adam (a whole step skipped on a non-finite value,
+the core's policy). They show what each ingredient costs in Optax itself.
+
 Rows marked ``(fused)`` step with :func:`psd_optax.update_and_apply` (update and
 apply in one, the noise added by an in-place ``lax.while_loop``) instead of
 ``tx.update`` + ``optax.apply_updates``.
@@ -44,6 +50,19 @@ def make_tree(n_params: int, n_leaves: int, seed: int) -> dict[str, jax.Array]:
     }
 
 
+def with_update_norm(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` that also keeps ``optax.global_norm`` of its updates in the state."""
+
+    def init(params: Any) -> Any:
+        return inner.init(params), jnp.zeros((), jnp.float32)
+
+    def update(updates: Any, state: Any, params: Any = None) -> Any:
+        updates, inner_state = inner.update(updates, state[0], params)
+        return updates, (inner_state, optax.global_norm(updates))
+
+    return optax.GradientTransformation(init, update)
+
+
 def build(name: str, grads: Any) -> tuple[Any, Callable[..., Any]]:
     """(transformation, step(params, state, grads) -> (params, state))."""
     lr = 1e-3
@@ -53,6 +72,10 @@ def build(name: str, grads: Any) -> tuple[Any, Callable[..., Any]]:
         tx = optax.sgd(lr)
     elif name == "adam":
         tx = optax.adam(lr)
+    elif name == "adam + update norm":
+        tx = with_update_norm(optax.adam(lr))
+    elif name == "apply_if_finite(adam)":
+        tx = optax.apply_if_finite(optax.adam(lr), max_consecutive_errors=10**9)
     elif name == "psd":
         # The gate stays closed on these gradients (||g|| >> epsilon): the usual step.
         tx = psd_optax.psd(lr, epsilon=1e-3, radius=1e-3, episode_length=10)
@@ -119,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         "sam_sps",
         "contrib.sam",
         "adam",
+        "adam + update norm",
+        "apply_if_finite(adam)",
         "perturbed_adam",
         "perturbed_adam (fused)",
     ]
@@ -153,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         "sam_sps": "sgd",
         "contrib.sam": "sgd",
         "adam": "adam",
+        "adam + update norm": "adam",
+        "apply_if_finite(adam)": "adam",
         "perturbed_adam": "adam",
         "perturbed_adam (fused)": "adam",
     }
