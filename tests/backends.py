@@ -21,11 +21,40 @@ def backend_params() -> list:
     ]
 
 
+DTYPES = {
+    # float dtypes each backend has (array-api-strict: the standard's float32/float64 only)
+    "numpy": ["float16", "float32", "float64"],
+    "array_api_strict": ["float32", "float64"],
+    "torch": ["float16", "bfloat16", "float32", "float64"],
+    "jax": ["float16", "bfloat16", "float32", "float64"],
+}
+
+
+def backend_dtype_params() -> list:
+    """``(backend, dtype)`` pairs: every float dtype of every conformance backend."""
+    return [
+        pytest.param(
+            b,
+            d,
+            id=f"{b}-{d}",
+            marks=pytest.mark.skipif(not available(b), reason=f"{b} not installed"),
+        )
+        for b in BACKENDS
+        for d in DTYPES[b]
+    ]
+
+
 def convert(value: np.ndarray, backend: str, dtype: str = "float64"):
-    """A NumPy array (or scalar) as an array of ``backend`` with float ``dtype`` (ints/bools keep kind)."""
+    """A NumPy array (or scalar) as an array of ``backend`` with float ``dtype`` (ints/bools keep kind).
+
+    ``dtype`` may be ``"bfloat16"`` (torch, JAX) or a complex dtype for complex input.
+    """
     arr = np.asarray(value)
+    bf16 = dtype == "bfloat16"
     if arr.dtype.kind == "f":
-        arr = arr.astype(dtype)
+        arr = arr.astype("float32" if bf16 else dtype)
+    elif arr.dtype.kind == "c":
+        arr = arr.astype(dtype if dtype.startswith("complex") else "complex128")
     if backend == "numpy":
         return arr
     if backend == "array_api_strict":
@@ -35,11 +64,16 @@ def convert(value: np.ndarray, backend: str, dtype: str = "float64"):
     if backend == "torch":
         import torch
 
-        return torch.from_numpy(np.array(arr, copy=True))
+        t = torch.from_numpy(np.array(arr, copy=True))
+        return t.to(torch.bfloat16) if bf16 and arr.dtype.kind == "f" else t
     if backend == "jax":
         import jax.numpy as jnp
 
-        return jnp.asarray(arr)
+        return (
+            jnp.asarray(arr, dtype=jnp.bfloat16)
+            if bf16 and arr.dtype.kind == "f"
+            else jnp.asarray(arr)
+        )
     raise ValueError(backend)
 
 
@@ -49,10 +83,17 @@ def to_numpy(value) -> np.ndarray:
         return [to_numpy(v) for v in value]
     mod = type(value).__module__
     if mod.startswith("torch"):
+        import torch
+
+        if value.dtype == torch.bfloat16:
+            value = value.float()
         return value.detach().cpu().numpy()
     if mod.startswith("array_api_strict"):
         return np.asarray(value._array)
-    return np.asarray(value)
+    arr = np.asarray(value)
+    if arr.dtype.kind == "V" or str(arr.dtype) == "bfloat16":
+        arr = arr.astype(np.float32)
+    return arr
 
 
 def tol(dtype: str) -> dict:
