@@ -38,6 +38,7 @@ from ._array import (
     Array,
     Tree,
     as_scalar,
+    is_complex,
     namespace,
     saturating_increment,
     tree_all_finite,
@@ -217,6 +218,12 @@ def _to(xp: Any, x: Array, dtype: Any) -> Array:
     return xp.astype(x, dtype) if x.dtype != dtype else x
 
 
+def _acc(xp: Any, x: Array, acc: Any) -> Array:
+    """``x`` in the real accumulation dtype ``acc``; complex leaves keep their dtype
+    (complex64 already has float32 parts)."""
+    return x if is_complex(xp, x) else _to(xp, x, acc)
+
+
 class SAMSPSCoefficients(NamedTuple):
     """Descent ``x+ = x + grad * g_e + params * x`` (skipped when not ``finite``)."""
 
@@ -338,7 +345,7 @@ def sam_sps(
         )
         # the offset c g in the accumulation dtype (c = rho/||g|| overflows float16),
         # cast once to the parameter dtype to form e
-        offset = [scale * _to(xp, g, g2.dtype) for g in grads]
+        offset = [scale * _acc(xp, g, g2.dtype) for g in grads]
         e = [p + _to(xp, o, p.dtype) for p, o in zip(params, offset)]
         loss_e, grads_e = value_and_grad_fn(e)
         check_same_shapes("grads at the perturbed point", list(grads_e), "params", params)
@@ -357,9 +364,9 @@ def sam_sps(
         acc = coeffs.grad.dtype
         upd = []
         for ge, p in zip(grads_e, params):
-            u = coeffs.grad * _to(xp, ge, acc)
+            u = coeffs.grad * _acc(xp, ge, acc)
             if cfg.weight_decay:
-                u = u + coeffs.params * _to(xp, p, acc)
+                u = u + coeffs.params * _acc(xp, p, acc)
             upd.append(_to(xp, u, p.dtype))
         zeros = [xp.zeros_like(p) for p in params]
         upd = tree_select(coeffs.finite, upd, zeros)
