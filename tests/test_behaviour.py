@@ -124,6 +124,10 @@ def test_non_finite_gradients_skip_the_step_and_leave_the_state() -> None:
         upd, newer = tx.update(bad, new, x, **kwargs)
         np.testing.assert_array_equal(upd[0], np.zeros(3))
         assert int(newer.skipped) == 1
+        assert bool(newer.perturbed) == bool(new.perturbed)
+        if isinstance(newer, psd_core.PSDState):  # C6: PSD's count counts every call
+            assert int(newer.count) == int(new.count) + 1
+            new, newer = new[1:], newer[1:]
         for a, b in zip(new[:-3], newer[:-3]):
             np.testing.assert_array_equal(np.asarray(a, dtype=object), np.asarray(b, dtype=object))
     tx = psd_core.sam_sps()

@@ -4,6 +4,10 @@ Each scenario runs the same core calls on identical inputs (and identical random
 draws) converted to NumPy, array-api-strict, PyTorch and JAX, and compares the
 results with the NumPy run: float64 to 1e-12, float32 to 1e-5. JAX additionally
 runs each core update under ``jax.jit`` and must match its eager result.
+
+This file checks that the backends agree with each other. Correctness against an
+independent float64 transcription of SPEC (``tests/reference.py``), in every dtype
+(float16, bfloat16, float32, float64), is checked in ``tests/test_precision_matrix.py``.
 """
 
 from __future__ import annotations

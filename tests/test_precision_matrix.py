@@ -65,6 +65,16 @@ def np_quartic(curv):
     return grad, value_and_grad
 
 
+# variants whose code paths are dtype-independent beyond the main case run on a reduced
+# dtype set (float16 and float32) to keep CI time low
+REDUCED = {"float16", "float32"}
+
+
+def _reduced(dtype: str) -> None:
+    if dtype not in REDUCED:
+        pytest.skip("variant covered on float16/float32 (CI time)")
+
+
 def _close(got, want, dtype, what):
     for g, w in zip(got, want):
         g = np.asarray(to_numpy(g), dtype=np.float64)
@@ -167,6 +177,8 @@ ADAM_GRADS = [list(ADAM_G)] * 2 + [[0.01 * a for a in ADAM_G]] * 6
 @pytest.mark.parametrize("eps_mode", ["hat", "keras"])
 @pytest.mark.parametrize(("backend", "dtype"), backend_dtype_params())
 def test_perturbed_adam_matches_the_reference(backend: str, dtype: str, eps_mode: str) -> None:
+    if eps_mode == "keras":
+        _reduced(dtype)
     kw = dict(lr=0.01, b1=0.5, b2=0.9, eps=1e-2, g_thres=1.0, t_thres=2, radius=0.05)
     ref = perturbed_adam_reference(ADAM_GRADS, X_CONVEX, normals=NORMALS, eps_mode=eps_mode, **kw)
     c = lambda a: convert(a, backend, dtype)  # noqa: E731
@@ -199,6 +211,8 @@ SAM_CASES = {
 @pytest.mark.parametrize("case", sorted(SAM_CASES))
 @pytest.mark.parametrize(("backend", "dtype"), backend_dtype_params())
 def test_sam_sps_matches_the_reference(backend: str, dtype: str, case: str) -> None:
+    if case not in ("sam", "rho_schedule_uncapped"):
+        _reduced(dtype)
     kw = SAM_CASES[case]
     steps = 4
     ref = sam_sps_reference(np_quartic(CURV_CONVEX)[1], X_CONVEX, steps=steps, **kw)
