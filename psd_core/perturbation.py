@@ -34,7 +34,9 @@ float overflow of the norm), the step is skipped: the updates are exactly zero,
 the state is unchanged except ``skipped`` which counts such steps.
 
 References:
-    Alpay & Alakkad, *Perturbed Saddle-escape Descent*, 2025, arXiv:2508.16540.
+    Alpay & Alakkad, *Escaping Saddle Points via Curvature-Calibrated Perturbations: A
+    Complete Analysis with Explicit Constants and Empirical Validation*, 2025,
+    arXiv:2508.16540.
     Jin et al., *How to Escape Saddle Points Efficiently*, ICML 2017 (PGD gate).
     psd-optimizer 0.1.2 (``PSDTorch``, ``PerturbedAdam``): the practical gates.
 """
