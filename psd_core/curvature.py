@@ -20,7 +20,9 @@ Vectors are trees (lists of arrays) or single arrays. Everything is pure
 ``xp`` code with static loop counts, so it traces under ``jax.jit``.
 
 References:
-    Alpay & Alakkad 2025, arXiv:2508.16540 (PSD-Probe).
+    Alpay & Alakkad, *Escaping Saddle Points via Curvature-Calibrated Perturbations: A
+    Complete Analysis with Explicit Constants and Empirical Validation*, 2025,
+    arXiv:2508.16540 (PSD-Probe).
     Lanczos, 1950; Paige, 1972 (Lanczos with reorthogonalization).
     Xu, Jin, Yang, *First-order stochastic algorithms for escaping from saddle points
     in almost linear time*, NeurIPS 2018 (negative-curvature finding from gradients).
@@ -198,7 +200,26 @@ class MinCurvature(NamedTuple):
     hvps: int
     """Hessian-vector products used."""
     ritz_values: Array
-    """All Ritz values (ascending), shape ``(k,)``."""
+    """Ritz values, shape ``(k,)``: the ``krylov_dim`` valid ones in ascending order,
+    then NaN for the steps after the Krylov space was exhausted (never a made-up value)."""
+    krylov_dim: Array | None = None
+    """Number of Lanczos vectors actually built (0-d int, ``1 <= krylov_dim <= k``):
+    the number of valid entries of ``ritz_values``. Smaller than ``k`` when the
+    Krylov space became invariant (breakdown) and the iteration stopped."""
+
+
+_BREAKDOWN_FACTOR = 64.0
+"""Default breakdown tolerance of :func:`min_curvature`, in units of the vectors'
+machine epsilon times the running estimate of :math:`\\|H\\|`."""
+
+
+def _finfo_eps(xp: Any, tree: list[Array]) -> float:
+    """Largest machine epsilon over the leaves' floating dtypes (static)."""
+    eps = 0.0
+    for leaf in tree:
+        if xp.isdtype(leaf.dtype, "real floating"):
+            eps = max(eps, float(xp.finfo(leaf.dtype).eps))
+    return eps if eps > 0 else float(xp.finfo(xp.float64).eps)
 
 
 def min_curvature(
@@ -208,16 +229,33 @@ def min_curvature(
     iters: int,
     seed: int | None = 0,
     v0: Any = None,
+    tol: float | None = None,
 ) -> MinCurvature:
     r"""Estimate :math:`\lambda_{\min}` of the Hessian at ``x`` and its direction with ``iters`` HVPs.
 
-    Lanczos with full reorthogonalization (classical Gram-Schmidt, twice): builds an
-    orthonormal Krylov basis :math:`V_k` and tridiagonal :math:`T_k = V_k^\top H V_k`,
-    then returns the smallest eigenvalue of :math:`T_k` and :math:`V_k y`. With
-    ``iters = d`` the estimate equals :math:`\lambda_{\min}` up to rounding; a few
-    dozen iterations usually resolve the extreme eigenvalues. If the Krylov space is
-    exhausted early (``beta ~ 0``), the remaining basis vectors are marked dead and
-    excluded from the Ritz values (no spurious zeros).
+    Lanczos with full reorthogonalization: builds an orthonormal Krylov basis
+    :math:`V_k` and the tridiagonal :math:`T_k = V_k^\top H V_k`, then returns the
+    smallest eigenvalue of :math:`T_k` and :math:`V_k y`. With ``iters = d`` the
+    estimate equals :math:`\lambda_{\min}` up to rounding; a few dozen iterations
+    usually resolve the extreme eigenvalues.
+
+    Each new vector :math:`w = Hv_j` is orthogonalized against the whole basis by
+    classical Gram-Schmidt, twice. The iteration *stops* (breakdown: the Krylov space
+    is invariant, up to rounding) when either
+
+    * :math:`\beta_j = \|w\| \le \tau\,\varepsilon\,s_j`, with :math:`\varepsilon`
+      the machine epsilon of the vectors' dtype (float32: :math:`1.2\cdot 10^{-7}`),
+      :math:`s_j` the largest :math:`|\alpha_i|`, :math:`\beta_i`, :math:`\|Hv_i\|`
+      seen so far (a lower bound of :math:`\|H\|`) and :math:`\tau` = ``tol``
+      (default 64): what is left of :math:`w` is rounding noise; or
+    * the second Gram-Schmidt pass removes more than half of :math:`\|w\|^2` (Kahan's
+      "twice is enough" test): :math:`w` lies numerically in the span of the basis,
+      and normalizing it would break orthogonality.
+
+    After a breakdown no new direction is made from rounding noise: the remaining
+    steps are masked off (fixed shapes, ``xp.where``; the HVPs are still evaluated,
+    on zero vectors, so the loop traces under ``jax.jit``) and their Ritz values are
+    reported as NaN; ``krylov_dim`` counts the valid ones.
 
     Args:
         hvp: ``hvp(x, v) -> H v`` (exact, e.g. by autodiff, or :func:`hvp_from_grad`).
@@ -226,8 +264,15 @@ def min_curvature(
         seed: seed of the start vector (drawn on the host with NumPy and converted to
             ``x``'s namespace); ignored when ``v0`` is given.
         v0: explicit start vector (tree or array like ``x``).
+        tol: breakdown tolerance :math:`\tau` in units of machine epsilon times the
+            scale estimate (keyword-only, default 64). Raise it for a noisy ``hvp``
+            (e.g. :func:`hvp_from_grad` with a small ``h``).
+
+    Returns:
+        A :class:`MinCurvature`.
     """
     iters = check_int("iters", iters, minimum=1)
+    tau = _BREAKDOWN_FACTOR if tol is None else check_positive("tol", tol)
     xt, was = _as_tree(x)
     xp = namespace(xt)
     from ._array import tree_size
@@ -240,59 +285,66 @@ def min_curvature(
         vt = HostDraws(seed).normals_like(xt)
     else:
         vt, _ = _as_tree(v0)
+    rel = tau * _finfo_eps(xp, list(xt) + list(vt))
     like = tree_sq_norm(vt)
     v = tree_lincomb([1.0 / xp.sqrt(like)], [vt])
     basis: list[list[Array]] = [v]
     alphas: list[Array] = []
     betas: list[Array] = []
     alive: list[Array] = [xp.ones_like(like) > 0]
-    scale = xp.zeros_like(like)
+    zero = xp.zeros_like(like)
+    scale = zero
     for j in range(k):
         w, _ = _as_tree(hvp(_from_tree(xt, was), _from_tree(basis[j], was)))
         a = tree_dot(basis[j], w)
         alphas.append(a)
-        scale = xp.maximum(scale, xp.abs(a))
+        scale = xp.maximum(scale, xp.maximum(xp.abs(a), xp.sqrt(tree_sq_norm(w))))
         if j == k - 1:
             break
-        # w <- w - V (V^T w), twice
+        # w <- w - V (V^T w), twice (classical Gram-Schmidt with reorthogonalization)
+        norms = []
         for _ in range(2):
             coeffs = [tree_dot(b, w) for b in basis]
             w = tree_lincomb([1.0] + [-c for c in coeffs], [w] + basis)
-        b2 = tree_sq_norm(w)
+            norms.append(tree_sq_norm(w))
+        b2 = norms[1]
         beta = xp.sqrt(b2)
         scale = xp.maximum(scale, beta)
-        tol = as_scalar(1e-10, beta) * xp.maximum(scale, xp.ones_like(scale) * 1e-300)
-        ok = alive[-1] & (beta > tol)
+        ok = alive[-1] & (beta > as_scalar(rel, beta) * scale) & (2.0 * b2 > norms[0])
         safe_beta = xp.where(ok, beta, xp.ones_like(beta))
-        nxt = [xp.where(ok, leaf / safe_beta, xp.zeros_like(leaf)) for leaf in w]
-        betas.append(xp.where(ok, beta, xp.zeros_like(beta)))
+        nxt = [xp.where(ok, leaf / as_scalar(safe_beta, leaf), xp.zeros_like(leaf)) for leaf in w]
+        betas.append(xp.where(ok, beta, zero))
         alive.append(ok)
         basis.append(nxt)
     n = len(alphas)
-    # Tridiagonal T (dead rows get a large diagonal so they never give the minimum).
-    big = 10.0 * (scale + xp.ones_like(scale))
+    dev = _device(like)
+    # Tridiagonal T. A dead row is decoupled (zero off-diagonals) and gets the diagonal
+    # 4 s > 3 s >= every live Ritz value (Gershgorin), so dead rows sort last.
+    big = 4.0 * scale
     diag = xp.stack([xp.where(alive[i], alphas[i], big) for i in range(n)])
-    eye = xp.eye(n, dtype=diag.dtype, device=_device(diag))
-    T = eye * diag[None, :] if n > 0 else eye
+    eye = xp.eye(n, dtype=diag.dtype, device=dev)
+    T = eye * diag[None, :]
     if n > 1:
-        off = xp.stack(betas)
-        # Build off-diagonals without item assignment: T += B + B^T with B[i, i+1] = beta_i.
-        upper = xp.concat(
-            [xp.zeros((n, 1), dtype=diag.dtype, device=_device(diag)), eye[:, :-1]], axis=1
-        )
-        B = (
-            upper
-            * xp.concat([off, xp.zeros((1,), dtype=diag.dtype, device=_device(diag))])[:, None]
-        )
-        T = T + B + xp.matrix_transpose(B) if hasattr(xp, "matrix_transpose") else T + B + B.T
+        off = xp.concat([xp.stack(betas), xp.zeros((1,), dtype=diag.dtype, device=dev)])
+        # Off-diagonals without item assignment: T += B + B^T with B[i, i+1] = beta_i.
+        upper = xp.concat([xp.zeros((n, 1), dtype=diag.dtype, device=dev), eye[:, :-1]], axis=1)
+        B = upper * off[:, None]
+        T = T + B + xp.permute_dims(B, (1, 0))
     evals, evecs = xp.linalg.eigh(T)
+    krylov_dim = xp.sum(xp.astype(xp.stack(alive), xp.int32))  # k is small: int32 suffices
+    index = xp.arange(n, dtype=xp.int32, device=dev)
+    ritz = xp.where(index < krylov_dim, evals, xp.full_like(evals, float("nan")))
     y = evecs[:, 0]
     coeffs = [y[i] for i in range(n)]
     direction = tree_lincomb(coeffs, basis[:n])
     nrm = xp.sqrt(tree_sq_norm(direction))
     direction = tree_lincomb([1.0 / nrm], [direction])
     return MinCurvature(
-        value=evals[0], direction=_from_tree(direction, was), hvps=n, ritz_values=evals
+        value=evals[0],
+        direction=_from_tree(direction, was),
+        hvps=n,
+        ritz_values=ritz,
+        krylov_dim=krylov_dim,
     )
 
 

@@ -25,11 +25,12 @@ to ``x``'s namespace, dtype and device (cached per namespace/dtype/device, excep
 JAX where conversion may happen under a trace).
 
 References:
-    Alpay & Alakkad, *Perturbed Saddle-escape Descent*, 2025, arXiv:2508.16540
-    (quartic saddle, Rosenbrock and Gaussian-well benchmarks).
-    Oikonomou & Loizou, *Sharpness-Aware Minimization: General Analysis and Improved
-    Rates* / SAM with stochastic Polyak step sizes (SAM-SPS), ICML 2025
-    (interpolating least-squares / ridge benchmarks, ``L_max`` and ``f_star``).
+    Alpay & Alakkad, *Escaping Saddle Points via Curvature-Calibrated Perturbations: A
+    Complete Analysis with Explicit Constants and Empirical Validation*, 2025,
+    arXiv:2508.16540 (quartic saddle, Rosenbrock and Gaussian-well benchmarks).
+    Oikonomou & Loizou, *Adaptive Sharpness-Aware Minimization with a Polyak-type Step
+    Size* (SAM-SPS; interpolating least-squares / ridge benchmarks, ``L_max`` and
+    ``f_star``).
 """
 
 from __future__ import annotations
@@ -659,7 +660,7 @@ class RidgeRegression(_Base):
     Attributes: ``A``, ``y``, ``x_true``, ``n`` (NumPy / int); ``mu`` =
     :math:`\lambda_{\min}(\nabla^2 f)`, ``L`` = :math:`\lambda_{\max}(\nabla^2 f)`,
     ``L_max`` = :math:`\max_i\|a_i\|^2+\lambda` (the largest smoothness constant of the
-    :math:`f_i`, used by SPS / SAM-SPS, Oikonomou & Loizou, ICML 2025); ``x_opt`` a
+    :math:`f_i`, used by SPS / SAM-SPS, Oikonomou & Loizou); ``x_opt`` a
     minimizer (``x_true`` in the interpolating full-rank case, otherwise the
     least-squares / ridge solution, minimum-norm if not unique) and ``f_star = f(x_opt)``.
 

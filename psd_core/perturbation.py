@@ -37,7 +37,9 @@ skipped: the updates are exactly zero and the state is unchanged except
 layer does, from :func:`psd_core._array.tree_all_finite`).
 
 References:
-    Alpay & Alakkad, *Perturbed Saddle-escape Descent*, 2025, arXiv:2508.16540.
+    Alpay & Alakkad, *Escaping Saddle Points via Curvature-Calibrated Perturbations: A
+    Complete Analysis with Explicit Constants and Empirical Validation*, 2025,
+    arXiv:2508.16540.
     Jin et al., *How to Escape Saddle Points Efficiently*, ICML 2017 (PGD gate).
     psd-optimizer 0.1.2 (``PSDTorch``, ``PerturbedAdam``): the practical gates.
 """

@@ -23,8 +23,8 @@ either gradient norm is not finite, :math:`\gamma = 0`, the update is exactly
 zero and ``skipped`` counts the step.
 
 References:
-    Oikonomou & Loizou, *Sharpness-Aware Minimization: General Analysis and Improved
-    Rates*, ICML 2025 (SAM-SPS / USAM-SPS); reference code ``sam-sps`` 1.0.0.
+    Oikonomou & Loizou, *Adaptive Sharpness-Aware Minimization with a Polyak-type Step
+    Size* (SAM-SPS / USAM-SPS); reference code ``sam-sps`` 1.0.0.
     Loizou et al., *Stochastic Polyak Step-size for SGD*, AISTATS 2021 (SPS_max).
 """
 

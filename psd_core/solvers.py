@@ -391,7 +391,14 @@ def _psd_loop(
     grad_fn: Callable[[Array], Array],
 ) -> SolverResult:
     """Drive the core PSD state machine. ``curvature_test(x, g)`` returns True (saddle:
-    perturb), False (second-order stationary: stop) or None (no test)."""
+    perturb), False (second-order stationary: stop) or None (no test).
+
+    Stops, as SPEC's loop and the reference ``psd/algorithms.py`` do, when the gate would
+    open (small gradient, no episode running, ``t_thres`` passed) but all
+    ``max_episodes`` episodes are used: after the curvature test (if any) says the point
+    is still a saddle, it returns ``x`` with ``converged=False`` (budget spent, no
+    second-order certificate).
+    """
     xp = run.xp
     state = psd_init(x, cfg)
     dim = tree_size([x])
@@ -403,6 +410,14 @@ def _psd_loop(
         if run.at_sosp(x, g2):
             return run.result(x, int(state.episodes), True)
         gate = psd_gate(g2, state, cfg)
+        episodes = int(state.episodes)
+        if not bool(gate.open) and episodes >= cfg.max_episodes:
+            # Would the gate open but for the spent budget? (the same gate, budget lifted)
+            lifted = psd_gate(g2, state, cfg._replace(max_episodes=episodes + 1))
+            if bool(lifted.open):
+                if curvature_test is not None and curvature_test(x, g) is False:
+                    return run.result(x, episodes, True)
+                return run.result(x, episodes, False)
         saddle = None
         z = None
         zsq, u = one, one

@@ -1,7 +1,9 @@
 r"""The explicit constants of Perturbed Saddle-escape Descent.
 
 References:
-    Alpay & Alakkad, *Perturbed Saddle-escape Descent*, 2025, arXiv:2508.16540.
+    Alpay & Alakkad, *Escaping Saddle Points via Curvature-Calibrated Perturbations: A
+    Complete Analysis with Explicit Constants and Empirical Validation*, 2025,
+    arXiv:2508.16540.
     Jin, Ge, Netrapalli, Kakade, Jordan, *How to Escape Saddle Points Efficiently*, ICML 2017.
 """
 
@@ -10,7 +12,13 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .validation import check_choice, check_int, check_open_unit, check_positive
+from .validation import (
+    check_choice,
+    check_int,
+    check_nonnegative,
+    check_open_unit,
+    check_positive,
+)
 
 __all__ = [
     "PSDConstants",
@@ -129,13 +137,20 @@ def psgd_batch_size(sigma_sq: float, epsilon: float, delta_fp: float = 0.1) -> i
     r"""Mini-batch size :math:`B = \max(1, \lceil (2\sigma^2/\epsilon^2)\log(2/\delta_{fp})\rceil)` of PSGD."""
     epsilon = check_positive("epsilon", epsilon)
     delta_fp = check_open_unit("delta_fp", delta_fp)
-    if sigma_sq < 0:
-        raise ValueError(f"Invalid sigma_sq: {sigma_sq!r} (must be >= 0)")
+    sigma_sq = check_nonnegative("sigma_sq", sigma_sq)
     return max(1, math.ceil(2.0 * sigma_sq / epsilon**2 * math.log(2.0 / delta_fp)))
 
 
 def psgd_gate_threshold(epsilon: float, sigma_sq: float, batch_size: int) -> float:
-    r"""PSGD gate :math:`\epsilon\sqrt{1 + 2\sigma^2/(B\epsilon^2)}`."""
+    r"""PSGD gate :math:`\epsilon\sqrt{1 + 2\sigma^2/(B\epsilon^2)}`.
+
+    Args:
+        epsilon: gradient tolerance :math:`\epsilon > 0`.
+        sigma_sq: gradient-noise variance :math:`\sigma^2 \ge 0` (a negative or
+            non-finite value raises ``ValueError`` naming ``sigma_sq``).
+        batch_size: mini-batch size :math:`B \ge 1`.
+    """
     epsilon = check_positive("epsilon", epsilon)
+    sigma_sq = check_nonnegative("sigma_sq", sigma_sq)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     return epsilon * math.sqrt(1.0 + 2.0 * sigma_sq / (batch_size * epsilon**2))

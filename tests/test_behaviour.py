@@ -163,3 +163,13 @@ def test_batched_scalar_layer_runs_independent_problems() -> None:
         )
         assert float(cs.grad) == cb.grad[i] and float(cs.noise) == cb.noise[i]
         assert int(ss.episode_left) == sb.episode_left[i]
+
+
+@pytest.mark.parametrize("sigma_sq", [-1.0, float("nan"), float("inf")])
+def test_psgd_gate_threshold_rejects_a_bad_variance_by_name(sigma_sq: float) -> None:
+    from psd_core.theory import psgd_batch_size, psgd_gate_threshold
+
+    with pytest.raises(ValueError, match="sigma_sq"):
+        psgd_gate_threshold(0.1, sigma_sq, 4)
+    with pytest.raises(ValueError, match="sigma_sq"):
+        psgd_batch_size(sigma_sq, 0.1)
