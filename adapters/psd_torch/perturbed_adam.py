@@ -159,7 +159,7 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:  # checkpoints made before 0.2 hold ``lr`` only
             for k, v in self.defaults.items():
-                if k != "noise_fn":
+                if k not in ("noise_fn", "differentiable"):  # torch's __setstate__ adds the latter
                     group.setdefault(k, v)
 
     @property

@@ -239,7 +239,8 @@ class SAM_SPS(torch.optim.Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:  # sam_sps / pre-0.2 checkpoints: lr, weight_decay
             for k, v in self.defaults.items():
-                group.setdefault(k, v)
+                if k != "differentiable":  # added by torch's __setstate__
+                    group.setdefault(k, v)
         if _KEY not in self.state:
             anchor = first_param(self)
             dev = anchor.device if anchor is not None else torch.device("cpu")
