@@ -257,7 +257,10 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         core's step coefficient), fused as ``p += (step / bc1) * m / den``."""
         den = PerturbedAdam._denominator(nu, bc2, eps, foreach)
         value = step / bc1
-        if foreach:
+        if isinstance(value, torch.Tensor):  # compiled step: a 0-d tensor coefficient
+            for p, m, d in zip(params, mu, den):
+                p.add_(m / d * value.to(p.dtype))
+        elif foreach:
             torch._foreach_addcdiv_(params, mu, den, value=value)
         else:
             for p, m, d in zip(params, mu, den):
@@ -305,7 +308,15 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         bcs = []
         for gi in groups_used:
             bcs.extend(adam_bias_corrections(state.count + 1, gcfg[gi].b1, gcfg[gi].b2, g2))
-        fin, *bc_h = host_values(torch.isfinite(g2), *bcs)
+        # Under torch.compile the bias corrections and step coefficients stay 0-d tensors:
+        # as Python floats read on the host they would be guarded on and recompile every
+        # step. Eager reads them on the host (free on CPU), where the float kernels are faster.
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            (fin,) = host_values(torch.isfinite(g2))
+            bc_h = bcs
+        else:
+            fin, *bc_h = host_values(torch.isfinite(g2), *bcs)
         bc = {gi: (bc_h[2 * k], bc_h[2 * k + 1]) for k, gi in enumerate(groups_used)}
         if not fin:
             # Skip: the core counts it (the step norm is irrelevant when the gradient is not finite).
@@ -361,11 +372,15 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
             new_state = s if new_state is None else new_state
         assert new_state is not None
         c0 = coeffs[groups_used[0]]
-        vals = host_values(
-            c0.finite, c0.perturb, c0.noise, *[coeffs[gi].step for gi in groups_used]
-        )
+        if compiling:
+            vals = host_values(c0.finite, c0.perturb, c0.noise)
+            step_coef = {gi: coeffs[gi].step for gi in groups_used}
+        else:
+            vals = host_values(
+                c0.finite, c0.perturb, c0.noise, *[coeffs[gi].step for gi in groups_used]
+            )
+            step_coef = dict(zip(groups_used, vals[3:]))
         finite, perturb, noise_coef = bool(vals[0]), bool(vals[1]), vals[2]
-        step_coef = dict(zip(groups_used, vals[3:]))
         self._store(new_state)
         if not finite:
             # The Adam step overflowed although the gradient is finite (e.g. fp16 moments):
@@ -397,7 +412,7 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
             return loss
         for gi, cp, _, cm, cv in chunks:
             a = step_coef[gi]
-            if a == 0.0:
+            if not compiling and a == 0.0:
                 continue
             self._apply_direction_(cp, cm, cv, a, bc[gi][0], bc[gi][1], gcfg[gi].eps, fe)
         return loss
