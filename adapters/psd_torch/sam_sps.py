@@ -471,6 +471,8 @@ class SAM_SPS(torch.optim.Optimizer):
         like = torch.zeros((), dtype=acc, device=anchor.device)
         found = H.scaler_found_inf(scaler, self, anchor.device)
         g2 = global_sq_norm(grads, foreach=self.foreach, device=anchor.device, dtype=acc)
+        # ||g|| of the first pass (sam_sps's ``grad_norm`` attribute; 0-d, no host read).
+        self.state[_KEY] = {**self._counters, "grad_norm": g2.sqrt().clamp_min(1e-12)}
         ok = torch.isfinite(g2)
         if loss is not None:
             ok = ok & torch.isfinite(self._loss_scalar(loss, like))
