@@ -28,8 +28,9 @@ bytes; it is not written to ``state_dict()``. What it holds is the ``restore`` o
   temporary per tensor while reducing).
 * ``"subtract"`` (the reference's arithmetic): the offset :math:`c\,g`; the inner
   product uses it exactly as the core and ``sam_sps.SAM_SPS`` do, and moving back
-  subtracts it, which recovers :math:`x` up to one rounding. Use it to reproduce the
-  reference in float32 to the last bits; not allowed with ``first_pass="per_rank"``.
+  subtracts it, which recovers :math:`x` up to one rounding. It follows the reference's
+  operations, but is not bit-identical to it (the global reductions are summed in a
+  different order); not allowed with ``first_pass="per_rank"``.
 
 Per-group hyperparameters. The perturbation uses the *global* first-pass gradient
 norm; a group's ``rho`` and ``lambd`` give that group's offset scale
