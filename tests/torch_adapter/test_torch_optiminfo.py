@@ -236,7 +236,7 @@ def test_foreach_matches_forloop(info):
             model = torch.nn.Sequential(
                 torch.nn.Linear(2, 3), torch.nn.Sigmoid(), torch.nn.Linear(3, 1), torch.nn.Sigmoid()
             ).double()
-            empty = torch.empty((), dtype=torch.float64, requires_grad=True)
+            empty = torch.zeros((), dtype=torch.float64, requires_grad=True)  # 0-d last param
             params = [*model.parameters(), empty]
             opt = info.optim_cls(params, **dict(oi.kwargs, foreach=flag))
             for i in range(7):
