@@ -472,8 +472,11 @@ class SAM_SPS(torch.optim.Optimizer):
         like = torch.zeros((), dtype=acc, device=anchor.device)
         found = H.scaler_found_inf(scaler, self, anchor.device)
         g2 = global_sq_norm(grads, foreach=self.foreach, device=anchor.device, dtype=acc)
-        # ||g|| of the first pass (sam_sps's ``grad_norm`` attribute; 0-d, no host read).
-        self.state[_KEY] = {**self._counters, "grad_norm": g2.sqrt().clamp_min(1e-12)}
+        # ||g|| of the first pass (sam_sps's ``grad_norm`` attribute; 0-d, no host read;
+        # 0 when not finite: nothing non-finite is written to the state).
+        gn = g2.sqrt().clamp_min(1e-12)
+        gn = torch.where(torch.isfinite(gn), gn, torch.zeros_like(gn))
+        self.state[_KEY] = {**self._counters, "grad_norm": gn}
         ok = torch.isfinite(g2)
         if loss is not None:
             ok = ok & torch.isfinite(self._loss_scalar(loss, like))
