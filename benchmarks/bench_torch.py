@@ -52,8 +52,9 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
             for x in v:
                 visit(x)
 
-    for v in opt.state.values():
-        visit(v)
+    for k, v in opt.state.items():
+        if isinstance(k, torch.Tensor):  # per-parameter state (global entries are O(1))
+            visit(v)
     return total
 
 

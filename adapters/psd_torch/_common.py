@@ -47,6 +47,11 @@ __all__ = [
     "group_by_device_dtype",
     "host_values",
     "make_generator",
+    "GENERATOR_KEY",
+    "check_lr",
+    "check_same_across_groups",
+    "first_param",
+    "lr_scalar",
     "resolve_foreach",
     "sq_norms",
 ]
@@ -268,48 +273,145 @@ NoiseFn = Callable[[list[torch.Tensor]], tuple[list[torch.Tensor], torch.Tensor]
 source of draws (tests use it to feed the core and the optimizer the same draws)."""
 
 
+GENERATOR_KEY = "generator"
+"""Reserved ``optimizer.state`` key of the optimizer-owned generator: ``{"seed": int,
+"state": ByteTensor | None, "device": str}`` (``state`` is ``None`` before the first draw)."""
+
+
 class GeneratorStateMixin:
-    """The optimizer-owned ``torch.Generator``: its property, its checkpoint state
-    (``state_dict()["generator_state"]``) and the draws, with the ``noise_fn`` hook.
+    """The optimizer-owned ``torch.Generator``, kept in ``optimizer.state`` (so that
+    ``deepcopy``, ``pickle``, ``torch.save(opt)``, ``state_dict()`` and its hooks carry
+    it), the draws, and the ``noise_fn`` hook.
 
     Mix in before ``torch.optim.Optimizer``; call :meth:`_init_generator` at the end
-    of ``__init__`` and set ``self._noise_fn``.
+    of ``__init__``. ``noise_fn`` lives in ``defaults`` (it is dropped by
+    ``state_dict()``, like any callable a user passes, and survives ``deepcopy``).
+
+    The generator object itself is a cache rebuilt from ``state["generator"]`` when that
+    entry changed (after ``load_state_dict``, ``deepcopy``, unpickling); each draw writes
+    the new generator state back as a new tensor (never in place, so earlier
+    ``state_dict()`` snapshots stay valid).
     """
 
-    _generator: torch.Generator
-    _noise_fn: NoiseFn | None
-
     def _init_generator(self, seed: int | None) -> None:
-        first = self.param_groups[0]["params"][0]  # type: ignore[attr-defined]
-        self._generator = make_generator(seed, first.device)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+        else:
+            seed = validation.check_int("seed", seed, minimum=0)
+        self.state[GENERATOR_KEY] = {"seed": seed, "state": None}  # type: ignore[attr-defined]
+
+    def _generator_device(self) -> torch.device:
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
 
     @property
     def generator(self) -> torch.Generator:
-        """The optimizer's ``torch.Generator`` (on the first parameter's device)."""
-        return self._generator
+        """The optimizer's ``torch.Generator`` (on the first parameter's device).
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()  # type: ignore[misc]
-        sd["generator_state"] = self._generator.get_state()
-        return sd
+        Drawing from it directly does not advance the checkpointed state; the optimizer
+        draws through :meth:`_draw`.
+        """
+        return self._gen()
+
+    def _gen(self) -> torch.Generator:
+        entry = self.state[GENERATOR_KEY]  # type: ignore[attr-defined]
+        cache = self.__dict__.get("_gen_cache")
+        if cache is not None and cache[1] is entry:
+            return cache[0]
+        dev = self._generator_device()
+        gen = torch.Generator(device=dev)
+        st = entry.get("state")
+        if st is not None and entry.get("device", dev.type) == dev.type:
+            gen.set_state(st.cpu() if isinstance(st, torch.Tensor) else st)
+        else:
+            gen.manual_seed(int(entry["seed"]))
+        self.__dict__["_gen_cache"] = (gen, entry)
+        return gen
+
+    def _save_generator(self, gen: torch.Generator) -> None:
+        entry = dict(self.state[GENERATOR_KEY])  # type: ignore[attr-defined]
+        entry["state"] = gen.get_state()
+        entry["device"] = gen.device.type
+        self.state[GENERATOR_KEY] = entry  # type: ignore[attr-defined]
+        self.__dict__["_gen_cache"] = (gen, entry)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        gen_state = state_dict.pop("generator_state", None)
+        legacy = state_dict.pop("generator_state", None)  # checkpoints before 0.2
         super().load_state_dict(state_dict)  # type: ignore[misc]
-        if gen_state is not None:
-            self._generator.set_state(
-                gen_state.cpu() if isinstance(gen_state, torch.Tensor) else gen_state
-            )
+        if GENERATOR_KEY not in self.state:  # type: ignore[attr-defined]
+            self.state[GENERATOR_KEY] = {"seed": 0, "state": None}  # type: ignore[attr-defined]
+        if legacy is not None:
+            entry = dict(self.state[GENERATOR_KEY])  # type: ignore[attr-defined]
+            entry["state"] = legacy.cpu() if isinstance(legacy, torch.Tensor) else legacy
+            entry["device"] = self._generator_device().type
+            self.state[GENERATOR_KEY] = entry  # type: ignore[attr-defined]
+
+    def _draw_normals(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        gen = self._gen()
+        out = draw_normals(params, gen)
+        self._save_generator(gen)
+        return out
 
     def _draw(
         self, params: list[torch.Tensor], ball: bool
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Normals shaped like ``params`` and, when ``ball``, one uniform draw: from
         ``noise_fn`` when given, else from the generator (normals first)."""
-        if self._noise_fn is not None:
-            normals, uniform = self._noise_fn(params)
+        noise_fn = self.defaults.get("noise_fn")  # type: ignore[attr-defined]
+        if noise_fn is not None:
+            normals, uniform = noise_fn(params)
             return list(normals), uniform
-        normals = draw_normals(params, self._generator)
-        uniform = draw_uniform(self._generator) if ball else None
+        gen = self._gen()
+        normals = draw_normals(params, gen)
+        uniform = draw_uniform(gen) if ball else None
+        self._save_generator(gen)
         return normals, uniform
+
+
+# ---------------------------------------------------------------- param groups
+
+
+def check_lr(lr: Any) -> Any:
+    """``lr >= 0``: a Python number or a one-element tensor (as ``torch.optim.SGD``)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(
+                f"Invalid lr: a Tensor lr must have one element, got shape {tuple(lr.shape)}"
+            )
+        validation.check_nonnegative("lr", float(lr))
+        return lr
+    return validation.check_nonnegative("lr", lr)
+
+
+def lr_scalar(lr: Any) -> Any:
+    """A group's ``lr`` as the core takes it (a tensor ``lr`` becomes a detached 0-d tensor)."""
+    return lr.detach().reshape(()) if isinstance(lr, torch.Tensor) else lr
+
+
+def check_same_across_groups(
+    optimizer: torch.optim.Optimizer, keys: Sequence[str], why: str
+) -> None:
+    """Raise ``ValueError`` when the newest group's value of a global hyperparameter
+    differs from the first group's (these act on the whole step, e.g. on the global
+    gradient norm, so a per-group value could only be ignored)."""
+    groups = optimizer.param_groups
+    if len(groups) < 2:
+        return
+    first, new = groups[0], groups[-1]
+    for k in keys:
+        if new[k] != first[k]:
+            raise ValueError(
+                f"Invalid {k}: {new[k]!r} in parameter group {len(groups) - 1}, but "
+                f"{first[k]!r} in group 0; {type(optimizer).__name__}'s {k} {why}, so every "
+                "parameter group must use the same value"
+            )
+
+
+def first_param(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            return p
+    return None

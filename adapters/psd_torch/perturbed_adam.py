@@ -35,6 +35,7 @@ import torch
 from psd_core import validation
 from psd_core._array import tree_acc_dtype
 from psd_core.perturbation import (
+    PerturbedAdamConfig,
     PerturbedAdamState,
     adam_bias_corrections,
     perturbed_adam_coefficients,
@@ -44,12 +45,15 @@ from psd_core.perturbation import (
 from ._common import (
     GeneratorStateMixin,
     NoiseFn,
+    check_lr,
     check_params,
+    check_same_across_groups,
     chunked,
     foreach_add_,
     global_sq_norm,
     group_by_device_dtype,
     host_values,
+    lr_scalar,
     resolve_foreach,
     sq_norms,
 )
@@ -57,6 +61,14 @@ from ._common import (
 __all__ = ["PerturbedAdam"]
 
 _SCALARS = ("count", "small_steps", "perturbations", "skipped", "perturbed")
+_GLOBAL = ("g_thres", "t_thres", "r", "noise", "foreach")
+
+
+def _config_of(group: dict[str, Any], lr: Any) -> PerturbedAdamConfig:
+    b1, b2 = group["betas"]
+    return perturbed_adam_config(
+        lr, b1, b2, group["eps"], group["g_thres"], group["t_thres"], group["r"], group["noise"]
+    )
 
 
 class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
@@ -98,34 +110,79 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         noise: str = "gaussian",
         seed: int | None = None,
         foreach: bool | None = None,
+        maximize: bool = False,
         noise_fn: NoiseFn | None = None,
     ) -> None:
         params = check_params(params)
-        lr = validation.check_nonnegative("lr", lr)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            g_thres=g_thres,
+            t_thres=t_thres,
+            r=r,
+            noise=noise,
+            maximize=maximize,
+            foreach=foreach,
+        )
+        self._validate(defaults)
+        defaults["noise_fn"] = noise_fn  # kept in ``defaults`` only (see add_param_group)
+        super().__init__(params, defaults)
+        self._init_generator(seed)
+
+    @staticmethod
+    def _validate(group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        betas = group["betas"]
         if not isinstance(betas, tuple | list) or len(betas) != 2:
             raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         validation.check_beta("betas[0]", betas[0])
         validation.check_beta("betas[1]", betas[1])
-        validation.check_nonnegative("r", r)
-        self._config = perturbed_adam_config(
-            lr, betas[0], betas[1], eps, g_thres, t_thres, r, noise
-        )
-        self._foreach = resolve_foreach(foreach)
-        self._noise_fn = noise_fn
-        super().__init__(params, dict(lr=lr))
-        for group in self.param_groups:
-            validation.check_nonnegative("lr", group["lr"])
-        self._init_generator(seed)
+        validation.check_nonnegative("r", group["r"])
+        _config_of(group, 0.0)
+        if not isinstance(group["maximize"], bool):
+            raise TypeError(f"maximize must be a bool, got {group['maximize']!r}")
+        if group["foreach"] is not None and not isinstance(group["foreach"], bool):
+            raise TypeError(f"foreach must be a bool or None, got {group['foreach']!r}")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; it may override ``lr``, ``betas``, ``eps`` and ``maximize``.
+        ``g_thres``, ``t_thres``, ``r``, ``noise`` and ``foreach`` act on the global step
+        norm / the global noise draw and must equal the first group's (``ValueError``)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.pop("noise_fn", None)
+        self._validate(group)
+        check_same_across_groups(self, _GLOBAL, "acts on the global Adam step norm")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints made before 0.2 hold ``lr`` only
+            for k, v in self.defaults.items():
+                if k not in ("noise_fn", "differentiable"):  # torch's __setstate__ adds the latter
+                    group.setdefault(k, v)
 
     @property
-    def config(self) -> Any:
-        return self._config
+    def config(self) -> PerturbedAdamConfig:
+        """The core :class:`~psd_core.perturbation.PerturbedAdamConfig` of the first group."""
+        group = self.param_groups[0]
+        return _config_of(group, group["lr"])
+
+    def _group_config(self, group: dict[str, Any]) -> PerturbedAdamConfig:
+        key = (tuple(group["betas"]), group["eps"]) + tuple(group[k] for k in _GLOBAL[:-1])
+        cache = self.__dict__.setdefault("_config_cache", {})
+        cfg = cache.get(key)
+        if cfg is None:
+            if len(cache) > 64:
+                cache.clear()
+            cfg = cache[key] = _config_of(group, 0.0)
+        return cfg
 
     def _scalars(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
         st = self.state.get("perturbed_adam")
         if not st:
             dev = like.device
-            st = {k: torch.zeros((), dtype=torch.int32, device=dev) for k in _SCALARS[:-1]}
+            st = {k: torch.zeros((), dtype=torch.int64, device=dev) for k in _SCALARS[:-1]}
             st["perturbed"] = torch.zeros((), dtype=torch.bool, device=dev)
             self.state["perturbed_adam"] = st
         return st
@@ -200,7 +257,10 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         core's step coefficient), fused as ``p += (step / bc1) * m / den``."""
         den = PerturbedAdam._denominator(nu, bc2, eps, foreach)
         value = step / bc1
-        if foreach:
+        if isinstance(value, torch.Tensor):  # compiled step: a 0-d tensor coefficient
+            for p, m, d in zip(params, mu, den):
+                p.add_(m / d * value.to(p.dtype))
+        elif foreach:
             torch._foreach_addcdiv_(params, mu, den, value=value)
         else:
             for p, m, d in zip(params, mu, den):
@@ -214,6 +274,7 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
                 loss = closure()
         params, grads, gidx = [], [], []
         for gi, group in enumerate(self.param_groups):
+            n0 = len(grads)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -226,9 +287,13 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
                 params.append(p)
                 grads.append(p.grad)
                 gidx.append(gi)
+            if group["maximize"] and len(grads) > n0:  # ascend: Adam on -g (as torch.optim.Adam)
+                grads[n0:] = list(torch._foreach_neg(grads[n0:]))
         if not params:
             return loss
-        cfg = self._config
+        group0 = self.param_groups[0]
+        cfg = self._group_config(group0)
+        foreach = resolve_foreach(group0["foreach"])
         sc = self._scalars(params[0])
         dev = sc["count"].device
         mu = [self.state[p]["exp_avg"] for p in params]
@@ -236,11 +301,23 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         state = PerturbedAdamState(mu=mu, nu=nu, **sc)
         dim = sum(int(p.numel()) for p in params)
         groups_used = sorted(set(gidx))
-        lr0 = self.param_groups[groups_used[0]]["lr"]
+        lr0 = lr_scalar(self.param_groups[groups_used[0]]["lr"])
+        gcfg = {gi: self._group_config(self.param_groups[gi]) for gi in groups_used}
 
-        g2 = global_sq_norm(grads, foreach=self._foreach, device=dev)
-        bc1, bc2 = adam_bias_corrections(state.count + 1, cfg.b1, cfg.b2, g2)
-        fin, bc1_h, bc2_h = host_values(torch.isfinite(g2), bc1, bc2)
+        g2 = global_sq_norm(grads, foreach=foreach, device=dev)
+        bcs = []
+        for gi in groups_used:
+            bcs.extend(adam_bias_corrections(state.count + 1, gcfg[gi].b1, gcfg[gi].b2, g2))
+        # Under torch.compile the bias corrections and step coefficients stay 0-d tensors:
+        # as Python floats read on the host they would be guarded on and recompile every
+        # step. Eager reads them on the host (free on CPU), where the float kernels are faster.
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            (fin,) = host_values(torch.isfinite(g2))
+            bc_h = bcs
+        else:
+            fin, *bc_h = host_values(torch.isfinite(g2), *bcs)
+        bc = {gi: (bc_h[2 * k], bc_h[2 * k + 1]) for k, gi in enumerate(groups_used)}
         if not fin:
             # Skip: the core counts it (the step norm is irrelevant when the gradient is not finite).
             _, new = perturbed_adam_coefficients(
@@ -254,9 +331,13 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         # direction of each chunk and applies it (fused ``addcdiv``), so no parameter-sized
         # direction buffer is ever allocated.
         chunks: list[tuple[int, list[torch.Tensor], ...]] = []
+        single = len(groups_used) == 1
         for gi in groups_used:
-            idx = [i for i, g in enumerate(gidx) if g == gi]
-            sel = [[lst[i] for i in idx] for lst in (params, grads, mu, nu)]
+            if single:
+                sel = [params, grads, mu, nu]
+            else:
+                idx = [i for i, g in enumerate(gidx) if g == gi]
+                sel = [[lst[i] for i in idx] for lst in (params, grads, mu, nu)]
             for bucket in group_by_device_dtype(*sel):
                 for cp, cg, cm, cv in chunked(*bucket):
                     chunks.append((gi, cp, cg, cm, cv))
@@ -264,11 +345,12 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         # On CPU the chunk kernels run per tensor even with foreach=True: CPU foreach ops
         # are a loop over the same kernels, and the per-tensor direction writes into its
         # one temporary (measured: fewer page faults, ~10% faster step).
-        fe = self._foreach and dev.type != "cpu"
+        fe = foreach and dev.type != "cpu"
         parts = []
-        for _, _, cg, cm, cv in chunks:
-            self._moments_(cg, cm, cv, cfg.b1, cfg.b2, fe)
-            ds = self._direction(cm, cv, bc1_h, bc2_h, cfg.eps, fe)
+        for gi, _, cg, cm, cv in chunks:
+            c = gcfg[gi]
+            self._moments_(cg, cm, cv, c.b1, c.b2, fe)
+            ds = self._direction(cm, cv, bc[gi][0], bc[gi][1], c.eps, fe)
             parts.append(sq_norms(ds, foreach=fe, device=dev, dtype=acc))
             del ds
         s2 = torch.cat(parts).sum()
@@ -280,21 +362,25 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
                 s2,
                 g2,
                 state,
-                cfg,
+                gcfg[gi],
                 dim=dim,
                 noise_sq_norm=one,  # placeholder: only the noise coefficient depends on the draws
                 uniform=one,
-                learning_rate=self.param_groups[gi]["lr"],
+                learning_rate=lr_scalar(self.param_groups[gi]["lr"]),
             )
             coeffs[gi] = c
             new_state = s if new_state is None else new_state
         assert new_state is not None
         c0 = coeffs[groups_used[0]]
-        vals = host_values(
-            c0.finite, c0.perturb, c0.noise, *[coeffs[gi].step for gi in groups_used]
-        )
+        if compiling:
+            vals = host_values(c0.finite, c0.perturb, c0.noise)
+            step_coef = {gi: coeffs[gi].step for gi in groups_used}
+        else:
+            vals = host_values(
+                c0.finite, c0.perturb, c0.noise, *[coeffs[gi].step for gi in groups_used]
+            )
+            step_coef = dict(zip(groups_used, vals[3:]))
         finite, perturb, noise_coef = bool(vals[0]), bool(vals[1]), vals[2]
-        step_coef = dict(zip(groups_used, vals[3:]))
         self._store(new_state)
         if not finite:
             # The Adam step overflowed although the gradient is finite (e.g. fp16 moments):
@@ -303,7 +389,7 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         if perturb:
             normals, uniform = self._draw(params, cfg.noise == "ball")
             if cfg.noise == "ball":
-                nsq = global_sq_norm(normals, foreach=self._foreach, device=dev)
+                nsq = global_sq_norm(normals, foreach=foreach, device=dev)
                 c_real, _ = perturbed_adam_coefficients(
                     s2,
                     g2,
@@ -316,19 +402,19 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
                 )
                 noise_coef = host_values(c_real.noise)[0]
             for bp, bz, bm, bv in group_by_device_dtype(params, normals, mu, nu):
-                if self._foreach:
+                if foreach:
                     torch._foreach_zero_(bm)
                     torch._foreach_zero_(bv)
                 else:
                     for t in bm + bv:
                         t.zero_()
-                foreach_add_(bp, bz, noise_coef, foreach=self._foreach)
+                foreach_add_(bp, bz, noise_coef, foreach=foreach)
             return loss
         for gi, cp, _, cm, cv in chunks:
             a = step_coef[gi]
-            if a == 0.0:
+            if not compiling and a == 0.0:
                 continue
-            self._apply_direction_(cp, cm, cv, a, bc1_h, bc2_h, cfg.eps, fe)
+            self._apply_direction_(cp, cm, cv, a, bc[gi][0], bc[gi][1], gcfg[gi].eps, fe)
         return loss
 
     def _store(self, new: PerturbedAdamState) -> None:

@@ -30,24 +30,77 @@ import torch
 from psd_core import curvature as _curv
 from psd_core import validation
 from psd_core._array import tree_acc_dtype
-from psd_core.perturbation import PSDState, psd_coefficients, psd_config, psd_gate, psd_init
+from psd_core.perturbation import (
+    PSDConfig,
+    PSDState,
+    psd_coefficients,
+    psd_config,
+    psd_gate,
+    psd_init,
+)
 from psd_core.theory import psd_constants
 
 from ._common import (
     GeneratorStateMixin,
     NoiseFn,
+    check_lr,
     check_params,
-    draw_normals,
+    check_same_across_groups,
     foreach_add_,
     global_sq_norm,
     group_by_device_dtype,
     host_values,
+    lr_scalar,
     resolve_foreach,
 )
 
 __all__ = ["PSD"]
 
 _CURVATURE = (None, "grad_diff", "hvp")
+_GLOBAL = (
+    "epsilon",
+    "radius",
+    "episode_length",
+    "t_thres",
+    "max_episodes",
+    "gate",
+    "ema_beta",
+    "noise",
+    "foreach",
+    "curvature",
+    "curvature_gamma",
+    "curvature_iters",
+    "curvature_h",
+)
+_CONFIG_KEYS = (
+    "epsilon",
+    "radius",
+    "episode_length",
+    "t_thres",
+    "max_episodes",
+    "gate",
+    "ema_beta",
+    "noise",
+    "step_on_perturb",
+)
+_WHY_GLOBAL = "acts on the global gradient norm / the global noise draw"
+_LEGACY_DEFAULTS = {"maximize": False, "foreach": None}
+
+
+def _config_of(group: dict[str, Any], lr: Any) -> PSDConfig:
+    """The core :class:`~psd_core.perturbation.PSDConfig` of one parameter group."""
+    return psd_config(
+        lr,
+        group["epsilon"],
+        group["radius"],
+        group["episode_length"],
+        t_thres=group["t_thres"],
+        max_episodes=group["max_episodes"],
+        gate=group["gate"],
+        ema_beta=group["ema_beta"],
+        noise=group["noise"],
+        step_on_perturb=group["step_on_perturb"],
+    )
 
 
 class PSD(GeneratorStateMixin, torch.optim.Optimizer):
@@ -117,6 +170,7 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
         step_on_perturb: bool = False,
         seed: int | None = None,
         foreach: bool | None = None,
+        maximize: bool = False,
         curvature: str | None = None,
         curvature_gamma: float | None = None,
         curvature_iters: int = 10,
@@ -124,39 +178,70 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
         noise_fn: NoiseFn | None = None,
     ) -> None:
         params = check_params(params)
-        lr = validation.check_nonnegative("lr", lr)
-        self._config = psd_config(
-            lr,
-            epsilon,
-            radius,
-            episode_length,
+        defaults = dict(
+            lr=lr,
+            epsilon=epsilon,
+            radius=radius,
+            episode_length=episode_length,
             t_thres=t_thres,
             max_episodes=max_episodes,
             gate=gate,
             ema_beta=ema_beta,
             noise=noise,
             step_on_perturb=step_on_perturb,
+            maximize=maximize,
+            foreach=foreach,
+            curvature=curvature,
+            curvature_gamma=curvature_gamma,
+            curvature_iters=curvature_iters,
+            curvature_h=curvature_h,
         )
-        if curvature not in _CURVATURE:
+        self._validate(defaults)
+        defaults["noise_fn"] = noise_fn  # kept in ``defaults`` only (see add_param_group)
+        super().__init__(params, defaults)
+        self._init_generator(seed)
+
+    @staticmethod
+    def _validate(group: dict[str, Any]) -> None:
+        """Validate one group's hyperparameters (the core's :func:`psd_config` plus the
+        adapter's options); raises ``ValueError``/``TypeError`` naming the argument."""
+        check_lr(group["lr"])
+        _config_of(group, 0.0)
+        if group["curvature"] not in _CURVATURE:
             raise ValueError(
-                f"Invalid curvature: {curvature!r} (must be one of None, 'grad_diff', 'hvp')"
+                f"Invalid curvature: {group['curvature']!r} (must be one of None, 'grad_diff', 'hvp')"
             )
-        self._curvature = curvature
-        self._curvature_iters = validation.check_int("curvature_iters", curvature_iters, minimum=1)
-        self._curvature_h = validation.check_positive("curvature_h", curvature_h)
-        if curvature is not None:
-            if curvature_gamma is None:
+        validation.check_int("curvature_iters", group["curvature_iters"], minimum=1)
+        validation.check_positive("curvature_h", group["curvature_h"])
+        if group["curvature"] is not None:
+            if group["curvature_gamma"] is None:
                 raise ValueError(
                     "curvature_gamma is required when curvature is set (e.g. sqrt(rho*epsilon))"
                 )
-            curvature_gamma = validation.check_positive("curvature_gamma", curvature_gamma)
-        self._curvature_gamma = curvature_gamma
-        self._foreach = resolve_foreach(foreach)
-        self._noise_fn = noise_fn
-        super().__init__(params, dict(lr=lr))
-        for group in self.param_groups:
-            validation.check_nonnegative("lr", group["lr"])
-        self._init_generator(seed)
+            validation.check_positive("curvature_gamma", group["curvature_gamma"])
+            if group["maximize"]:
+                raise ValueError("maximize: True is not supported with a curvature check")
+        if not isinstance(group["maximize"], bool):
+            raise TypeError(f"maximize must be a bool, got {group['maximize']!r}")
+        if group["foreach"] is not None and not isinstance(group["foreach"], bool):
+            raise TypeError(f"foreach must be a bool or None, got {group['foreach']!r}")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; it may override ``lr``, ``maximize`` and ``step_on_perturb``. The
+        other hyperparameters act on the global gradient norm or the global noise draw
+        and must equal the first group's (``ValueError`` otherwise)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.pop("noise_fn", None)
+        self._validate(group)
+        check_same_across_groups(self, _GLOBAL, _WHY_GLOBAL)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints made before 0.2 hold ``lr`` only
+            for k, v in self.defaults.items():
+                if k not in ("noise_fn", "differentiable"):  # torch's __setstate__ adds the latter
+                    group.setdefault(k, v)
 
     # ------------------------------------------------------------------ construction
 
@@ -177,11 +262,19 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
         check, ``curvature_gamma`` defaults to :math:`\gamma = \sqrt{\rho\epsilon}`."""
         params = check_params(params)
         dim = 0
+        items = []
         for item in params:
-            ps = item["params"] if isinstance(item, dict) else [item]
-            if isinstance(ps, torch.Tensor):
-                ps = [ps]
-            dim += sum(int(p.numel()) for p in ps)
+            if isinstance(item, dict):  # materialise a generator of params once
+                ps = item["params"]
+                ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+                item = {**item, "params": ps}
+            else:
+                ps = [item]
+            items.append(item)
+            for p in ps:  # a tensor, or a (name, tensor) pair of named_parameters()
+                t = p[1] if isinstance(p, tuple) else p
+                dim += int(t.numel())
+        params = items
         c = psd_constants(epsilon, ell, rho, delta, delta_f, dim=dim)
         if kwargs.get("curvature") is not None:
             kwargs.setdefault("curvature_gamma", c.gamma)
@@ -198,9 +291,24 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
     # ------------------------------------------------------------------ state
 
     @property
-    def config(self) -> Any:
-        """The validated core :class:`~psd_core.perturbation.PSDConfig`."""
-        return self._config
+    def config(self) -> PSDConfig:
+        """The core :class:`~psd_core.perturbation.PSDConfig` of the first parameter group
+        (built from ``param_groups[0]``; the groups share every value but ``lr``,
+        ``maximize`` and ``step_on_perturb``)."""
+        group = self.param_groups[0]
+        return _config_of(group, group["lr"])
+
+    def _group_config(self, group: dict[str, Any]) -> PSDConfig:
+        """The group's config, cached on the hyperparameter values (rebuilt when a
+        scheduler or the user changes one; the cache is not part of the optimizer's state)."""
+        key = tuple(group[k] for k in _CONFIG_KEYS)
+        cache = self.__dict__.setdefault("_config_cache", {})
+        cfg = cache.get(key)
+        if cfg is None:
+            if len(cache) > 64:
+                cache.clear()
+            cfg = cache[key] = _config_of(group, 0.0)
+        return cfg
 
     @property
     def psd_state(self) -> PSDState | None:
@@ -249,8 +357,9 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
                 for p in params
             ]
 
-        if self._curvature == "grad_diff":
-            hvp = _curv.hvp_from_grad(grad_at, self._curvature_h)
+        group = self.param_groups[0]
+        if group["curvature"] == "grad_diff":
+            hvp = _curv.hvp_from_grad(grad_at, group["curvature_h"])
         else:
 
             def hvp(x: list[torch.Tensor], v: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -266,15 +375,15 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
                     h.detach() if h is not None else torch.zeros_like(p) for h, p in zip(hv, params)
                 ]
 
-        v0 = draw_normals(params, self._generator)
-        res = _curv.min_curvature(hvp, saved_p, iters=self._curvature_iters, v0=v0)
+        v0 = self._draw_normals(params)
+        res = _curv.min_curvature(hvp, saved_p, iters=group["curvature_iters"], v0=v0)
         for p, x, g in zip(params, saved_p, saved_g):
             p.copy_(x)
             if p.grad is None:
                 p.grad = g
             else:
                 p.grad.copy_(g)
-        return _curv.is_strict_saddle(res.value, self._curvature_gamma)
+        return _curv.is_strict_saddle(res.value, group["curvature_gamma"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -287,16 +396,18 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
         params, grads, group_index = self._collect()
         if not params:
             return loss
-        cfg = self._config
+        group0 = self.param_groups[0]
+        cfg = self._group_config(group0)
+        fe = resolve_foreach(group0["foreach"])
         state = self.psd_state
         if state is None:
             state = psd_init(params[0], cfg, acc_dtype=tree_acc_dtype(grads))
         dev = state.count.device
-        g2 = global_sq_norm(grads, foreach=self._foreach, device=dev)
+        g2 = global_sq_norm(grads, foreach=fe, device=dev)
         dim = sum(int(p.numel()) for p in params)
 
         saddle = None
-        if self._curvature is not None:
+        if group0["curvature"] is not None:
             if closure is None:
                 raise RuntimeError("PSD(curvature=...) needs step(closure) to probe the curvature")
             gate = psd_gate(g2, state, cfg)
@@ -311,15 +422,16 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
         coeffs = {}
         new_state = None
         for gi in groups_used:
+            group = self.param_groups[gi]
             c, s = psd_coefficients(
                 g2,
                 state,
-                cfg,
+                self._group_config(group),
                 dim=dim,
                 noise_sq_norm=one,  # placeholder: only the noise coefficient depends on the draws
                 uniform=one,
                 saddle=saddle,
-                learning_rate=self.param_groups[gi]["lr"],
+                learning_rate=lr_scalar(group["lr"]),
             )
             coeffs[gi] = c
             if new_state is None:
@@ -334,6 +446,42 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
         self._set_psd_state(new_state)
         if not finite:
             return loss  # skipped: parameters untouched, the core counted it
+
+        normals = None
+        if perturb:
+            normals, uniform = self._draw(params, cfg.noise == "ball")
+            if cfg.noise == "ball":
+                nsq = global_sq_norm(normals, foreach=fe, device=dev)
+                c_real, _ = psd_coefficients(
+                    g2,
+                    state,
+                    cfg,
+                    dim=dim,
+                    noise_sq_norm=nsq,
+                    uniform=uniform,
+                    saddle=saddle,
+                    learning_rate=lr_scalar(self.param_groups[groups_used[0]]["lr"]),
+                )
+                noise_coef = host_values(c_real.noise)[0]
+
+        single = len(groups_used) == 1
+        for gi in groups_used:
+            if single:
+                ps, gs, zs = params, grads, normals if normals is not None else params
+            else:
+                idx = [i for i, g in enumerate(group_index) if g == gi]
+                ps = [params[i] for i in idx]
+                gs = [grads[i] for i in idx]
+                zs = [normals[i] for i in idx] if normals is not None else ps
+            # maximize: ascend along g (the gate and the noise do not depend on the sign).
+            a = -grad_coef[gi] if self.param_groups[gi]["maximize"] else grad_coef[gi]
+            for bp, bg, bz in group_by_device_dtype(ps, gs, zs):
+                # Noise first, then the gradient step (PSDTorch's order for step_on_perturb).
+                if normals is not None and noise_coef != 0.0:
+                    foreach_add_(bp, bz, noise_coef, foreach=fe)
+                if a != 0.0:
+                    foreach_add_(bp, bg, a, foreach=fe)
+        return loss  # skipped: parameters untouched, the core counted it
 
         normals = None
         if perturb:

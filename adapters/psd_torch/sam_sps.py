@@ -1,7 +1,8 @@
 r"""SAM / USAM with the stochastic Polyak step size as a ``torch.optim.Optimizer``.
 
-Drop-in replacement for ``sam_sps.SAM_SPS`` (same arguments, defaults, closure
-protocol and ``group['lr']`` reporting) whose math comes from
+The arguments, closure protocol and ``group['lr']`` reporting of ``sam_sps.SAM_SPS``
+(``weight_decay`` defaults to ``0.0`` here; :class:`psd_torch.peers.SAM_SPS` keeps the
+peer's exact signature, defaults and attributes), with the math from
 :mod:`psd_core.polyak`:
 
 * the offset scale :math:`c` with :math:`e - x = c\,g` is
@@ -27,8 +28,9 @@ bytes; it is not written to ``state_dict()``. What it holds is the ``restore`` o
   temporary per tensor while reducing).
 * ``"subtract"`` (the reference's arithmetic): the offset :math:`c\,g`; the inner
   product uses it exactly as the core and ``sam_sps.SAM_SPS`` do, and moving back
-  subtracts it, which recovers :math:`x` up to one rounding. Use it to reproduce the
-  reference in float32 to the last bits; not allowed with ``first_pass="per_rank"``.
+  subtracts it, which recovers :math:`x` up to one rounding. It follows the reference's
+  operations, but is not bit-identical to it (the global reductions are summed in a
+  different order); not allowed with ``first_pass="per_rank"``.
 
 Per-group hyperparameters. The perturbation uses the *global* first-pass gradient
 norm; a group's ``rho`` and ``lambd`` give that group's offset scale
@@ -59,11 +61,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from itertools import chain
 from typing import Any
 
 import array_api_compat.torch as xp
 import torch
 from torch import nn
+from torch.optim.optimizer import _global_optimizer_post_hooks as _global_post_hooks
+from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_pre_hooks
 
 from psd_core._array import accumulation_dtype
 from psd_core.polyak import (
@@ -76,12 +81,24 @@ from psd_core.polyak import (
 from psd_core.validation import check_choice, check_int
 
 from . import _sam_helpers as H
-from ._common import chunked, global_sq_norm, group_by_device_dtype
+from ._common import (
+    check_same_across_groups,
+    chunked,
+    first_param,
+    global_sq_norm,
+    group_by_device_dtype,
+)
 
 __all__ = ["SAM_SPS"]
 
 _HYPER = ("rho", "lambd", "f_star", "gamma_b", "weight_decay", "variant")
+_GLOBAL = ("interval", "restore", "first_pass", "distributed", "foreach", "maximize")
 _FIRST_PASS = ("global", "per_rank")
+_KEY = "sam_sps"
+"""Reserved ``optimizer.state`` key: ``{"calls": int, "count": int64, "skipped": int64}``."""
+_SCRATCH = ("x", "offset", "e^t-x^t")  # per-parameter scratch (the last: sam_sps's)
+_PENDING = "sam_sps_pending"
+"""Reserved ``optimizer.state`` key holding the first pass's record until ``second_step``."""
 
 
 class SAM_SPS(torch.optim.Optimizer):
@@ -93,11 +110,14 @@ class SAM_SPS(torch.optim.Optimizer):
         x^+ = x - \gamma(\nabla f(e) + w\,x)
 
     Args:
-        params: parameters or parameter-group dicts (groups may override every
-            hyperparameter below except ``interval``, ``first_pass``, ``distributed``
-            and ``foreach``).
+        params: parameters or parameter-group dicts (groups may override ``rho``,
+            ``lambd``, ``f_star``, ``gamma_b``, ``weight_decay`` and ``variant``; the
+            other options shape the whole step and must be equal in every group, else
+            ``ValueError``).
         weight_decay: L2 coefficient :math:`w \ge 0` in the descent step (the step size
-            is computed from the unregularized loss, as published).
+            is computed from the unregularized loss, as published). Default ``0.0``
+            (``sam_sps.SAM_SPS`` defaults to ``5e-4``: use
+            :class:`psd_torch.peers.SAM_SPS` for its exact defaults).
         rho: perturbation radius :math:`\rho \ge 0`; ``0`` gives SPS_max.
         lambd: :math:`\lambda\in[0,1]`; ``0`` USAM, ``1`` SAM.
         f_star: lower bound :math:`\ell^*` of the mini-batch loss.
@@ -116,12 +136,20 @@ class SAM_SPS(torch.optim.Optimizer):
             ``torch.distributed`` is initialized with more than one process.
         process_group: the group for that reduction (default: the world).
         foreach: ``None``/``True`` use ``torch._foreach_*`` ops; ``False`` a loop.
+        maximize: only ``False`` (accepted for ``torch.optim`` compatibility; the Polyak
+            step needs a lower bound of the loss, so maximize :math:`f` by minimizing
+            :math:`-f`).
+
+    Every option is in ``defaults`` / ``param_groups`` and the counters are in
+    ``optimizer.state["sam_sps"]``, so ``copy.deepcopy``, ``pickle``, ``torch.save(opt)``
+    and ``load_state_dict`` carry the whole optimizer (``process_group`` excepted: it
+    falls back to the default group after unpickling).
     """
 
     def __init__(
         self,
         params: Iterable[Any],
-        weight_decay: float = 5e-4,
+        weight_decay: float = 0.0,
         rho: float = 0.1,
         lambd: float = 1.0,
         f_star: float = 0.0,
@@ -134,6 +162,7 @@ class SAM_SPS(torch.optim.Optimizer):
         distributed: bool | None = None,
         process_group: Any = None,
         foreach: bool | None = None,
+        maximize: bool = False,
     ) -> None:
         if isinstance(params, torch.Tensor):
             raise TypeError(
@@ -143,53 +172,124 @@ class SAM_SPS(torch.optim.Optimizer):
         params = list(params)
         if not params:
             raise ValueError("params: SAM_SPS got an empty parameter list")
-        cfg = sam_sps_config(rho, lambd, f_star, gamma_b, weight_decay, variant)
-        self.interval = check_int("interval", interval, 1)
-        self.first_pass_mode = check_choice("first_pass", first_pass, _FIRST_PASS)
-        self.restore = check_choice("restore", restore, ("copy", "subtract"))
-        if self.restore == "subtract" and self.first_pass_mode == "per_rank":
+        defaults = dict(
+            rho=rho,
+            lambd=lambd,
+            f_star=f_star,
+            gamma_b=gamma_b,
+            weight_decay=weight_decay,
+            variant=variant,
+            interval=interval,
+            restore=restore,
+            first_pass=first_pass,
+            distributed=distributed,
+            foreach=foreach,
+            maximize=maximize,
+        )
+        defaults.update(self._validate(defaults))
+        defaults["lr"] = defaults["gamma_b"]
+        # Not picklable in general (a ProcessGroup): an attribute; after deepcopy/unpickling
+        # the reduction falls back to the default (world) group.
+        self._process_group = process_group
+        super().__init__(params, defaults)
+        anchor = first_param(self)
+        dev = anchor.device if anchor is not None else torch.device("cpu")
+        zero = torch.zeros((), dtype=torch.int64, device=dev)
+        # Global counters live in ``optimizer.state`` (deepcopy, pickle and state_dict see
+        # them); created eagerly so that a compiled step finds them on its first call.
+        self.state[_KEY] = {"calls": 0, "count": zero, "skipped": zero.clone()}
+
+    @staticmethod
+    def _validate(group: dict[str, Any]) -> dict[str, Any]:
+        cfg = sam_sps_config(*(group[k] for k in _HYPER))
+        out = dict(cfg._asdict())
+        out["interval"] = check_int("interval", group["interval"], 1)
+        out["first_pass"] = check_choice("first_pass", group["first_pass"], _FIRST_PASS)
+        out["restore"] = check_choice("restore", group["restore"], ("copy", "subtract"))
+        if out["restore"] == "subtract" and out["first_pass"] == "per_rank":
             raise ValueError(
                 "restore: 'subtract' recovers x only up to a rounding, so ranks with "
                 "per-rank offsets would drift apart; use restore='copy' with "
                 "first_pass='per_rank'"
             )
-        if distributed is not None and not isinstance(distributed, bool):
-            raise TypeError(f"distributed must be a bool or None, got {distributed!r}")
-        self.distributed = distributed
-        self.process_group = process_group
-        self.foreach = True if foreach is None else bool(foreach)
-        defaults = dict(cfg._asdict(), lr=cfg.gamma_b)
-        super().__init__(params, defaults)
-        self._calls = 0  # step calls so far (host int: decides the interval)
-        self._count: torch.Tensor | None = None
-        self._skipped: torch.Tensor | None = None
-        self._pending: dict[str, Any] | None = None
+        d = group["distributed"]
+        if d is not None and not isinstance(d, bool):
+            raise TypeError(f"distributed must be a bool or None, got {d!r}")
+        f = group["foreach"]
+        if f is not None and not isinstance(f, bool):
+            raise TypeError(f"foreach must be a bool or None, got {f!r}")
+        if group["maximize"] is not False:
+            raise ValueError(
+                f"Invalid maximize: {group['maximize']!r} (SAM_SPS minimizes: the Polyak step "
+                "needs a lower bound f_star of the loss; to maximize f, minimize -f)"
+            )
+        return out
 
     # ------------------------------------------------------------ configuration
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; it may override ``rho``, ``lambd``, ``f_star``, ``gamma_b``,
+        ``weight_decay`` and ``variant``. ``interval``, ``restore``, ``first_pass``,
+        ``distributed``, ``foreach`` and ``maximize`` shape the whole two-pass step and
+        must equal the first group's (``ValueError`` otherwise)."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        cfg = sam_sps_config(*(group[k] for k in _HYPER))
-        group.update(cfg._asdict())
-        if not group["params"]:
-            raise ValueError("params: a parameter group has an empty parameter list")
+        group.update(self._validate(group))
+        check_same_across_groups(self, _GLOBAL, "shapes the whole two-pass step")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # sam_sps / pre-0.2 checkpoints: lr, weight_decay
+            for k, v in self.defaults.items():
+                if k != "differentiable":  # added by torch's __setstate__
+                    group.setdefault(k, v)
+        if _KEY not in self.state:
+            anchor = first_param(self)
+            dev = anchor.device if anchor is not None else torch.device("cpu")
+            zero = torch.zeros((), dtype=torch.int64, device=dev)
+            self.state[_KEY] = {"calls": 0, "count": zero, "skipped": zero.clone()}
 
     @staticmethod
     def _config(group: dict[str, Any]) -> SAMSPSConfig:
         return SAMSPSConfig(*(group[k] for k in _HYPER))
 
+    # Global options, read from the first group (equal in every group).
+    @property
+    def interval(self) -> int:
+        return self.param_groups[0]["interval"]
+
+    @property
+    def restore(self) -> str:
+        return self.param_groups[0]["restore"]
+
+    @property
+    def first_pass_mode(self) -> str:
+        return self.param_groups[0]["first_pass"]
+
+    @property
+    def distributed(self) -> bool | None:
+        return self.param_groups[0]["distributed"]
+
+    @property
+    def foreach(self) -> bool:
+        f = self.param_groups[0]["foreach"]
+        return True if f is None else bool(f)
+
+    @property
+    def process_group(self) -> Any:
+        return self.__dict__.get("_process_group")
+
     def _anchor(self) -> torch.Tensor:
-        return self.param_groups[0]["params"][0]
+        p = first_param(self)
+        assert p is not None
+        return p
 
     def _acc_dtype(self) -> torch.dtype:
         dts = {accumulation_dtype(xp, p.dtype) for g in self.param_groups for p in g["params"]}
         return torch.float64 if torch.float64 in dts else torch.float32
 
-    def _ensure_counters(self) -> None:
-        if self._count is None:
-            dev = self._anchor().device
-            self._count = torch.zeros((), dtype=torch.int64, device=dev)
-            self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
+    @property
+    def _counters(self) -> dict[str, Any]:
+        return self.state[_KEY]
 
     def _world(self) -> int:
         if self.distributed is False:
@@ -204,6 +304,20 @@ class SAM_SPS(torch.optim.Optimizer):
             return 1
         return dist.get_world_size(self.process_group)
 
+    # ------------------------------------------------------------ step hooks
+    def _fire_pre_hooks(self) -> None:
+        """The step pre-hooks, for the two-pass API (``step()`` fires them itself)."""
+        if self.__dict__.get("_in_step"):
+            return
+        for hook in chain(_global_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+            hook(self, (), {})
+
+    def _fire_post_hooks(self) -> None:
+        if self.__dict__.get("_in_step"):
+            return
+        for hook in chain(self._optimizer_step_post_hooks.values(), _global_post_hooks.values()):
+            hook(self, (), {})
+
     # ------------------------------------------------------------ public read-outs
     @property
     def step_size(self) -> Any:
@@ -214,21 +328,17 @@ class SAM_SPS(torch.optim.Optimizer):
     @property
     def steps(self) -> torch.Tensor:
         """Number of steps taken (not skipped), a 0-d int64 tensor."""
-        self._ensure_counters()
-        assert self._count is not None
-        return self._count
+        return self._counters["count"]
 
     @property
     def skipped(self) -> torch.Tensor:
         """Number of skipped (non-finite) steps, a 0-d int64 tensor."""
-        self._ensure_counters()
-        assert self._skipped is not None
-        return self._skipped
+        return self._counters["skipped"]
 
     @property
     def perturbs_next(self) -> bool:
         """Whether the next step perturbs (host-side: follows ``interval``)."""
-        return self._calls % self.interval == 0
+        return self._counters["calls"] % self.interval == 0
 
     # ------------------------------------------------------------ pass helpers
     def first_pass(self, model: nn.Module | None = None) -> Any:
@@ -273,14 +383,18 @@ class SAM_SPS(torch.optim.Optimizer):
                 "closure: SAM_SPS.step() needs a closure (or use first_step()/second_step())"
             )
         closure = torch.enable_grad()(closure)
-        self.zero_grad(set_to_none=True)
-        with self.first_pass(model):
-            loss = closure()
-        if not self.first_step(loss, scaler=scaler):
-            return loss
-        with self.second_pass(model):
-            loss_e = closure()
-        self.second_step(loss_e, scaler=scaler)
+        self.__dict__["_in_step"] = True  # step() fires the step hooks itself
+        try:
+            self.zero_grad(set_to_none=True)
+            with self.first_pass(model):
+                loss = closure()
+            if not self.first_step(loss, scaler=scaler):
+                return loss
+            with self.second_pass(model):
+                loss_e = closure()
+            self.second_step(loss_e, scaler=scaler)
+        finally:
+            self.__dict__["_in_step"] = False
         return loss_e
 
     # ------------------------------------------------------------ two-pass API
@@ -309,6 +423,11 @@ class SAM_SPS(torch.optim.Optimizer):
         return bufs
 
     def _loss_scalar(self, loss: Any, like: torch.Tensor) -> torch.Tensor:
+        if loss is None:
+            raise ValueError(
+                "loss: SAM_SPS needs the loss value (the Polyak step size is computed from "
+                "it), but the closure returned None"
+            )
         if isinstance(loss, torch.Tensor):
             return loss.detach().reshape(()).to(device=like.device, dtype=like.dtype)
         return torch.as_tensor(float(loss), dtype=like.dtype, device=like.device)
@@ -339,18 +458,25 @@ class SAM_SPS(torch.optim.Optimizer):
         the gradients are unscaled here (unless ``scaler.unscale_(opt)`` was already
         called, e.g. for clipping).
         """
-        if self._pending is not None:
+        if _PENDING in self.state:
             raise RuntimeError("first_step() called twice without second_step()")
-        self._ensure_counters()
+        lists = self._grad_lists()
+        grads = [g for _, _, gs in lists for g in gs]
+        if not grads:  # no parameter has a gradient: a no-op, like torch.optim's step()
+            self._fire_pre_hooks()
+            self._fire_post_hooks()
+            return False
+        self._fire_pre_hooks()
         anchor = self._anchor()
         acc = self._acc_dtype()
         like = torch.zeros((), dtype=acc, device=anchor.device)
         found = H.scaler_found_inf(scaler, self, anchor.device)
-        lists = self._grad_lists()
-        grads = [g for _, _, gs in lists for g in gs]
-        if not grads:
-            raise RuntimeError("first_step(): no parameter has a gradient; call backward() first")
         g2 = global_sq_norm(grads, foreach=self.foreach, device=anchor.device, dtype=acc)
+        # ||g|| of the first pass (sam_sps's ``grad_norm`` attribute; 0-d, no host read;
+        # 0 when not finite: nothing non-finite is written to the state).
+        gn = g2.sqrt().clamp_min(1e-12)
+        gn = torch.where(torch.isfinite(gn), gn, torch.zeros_like(gn))
+        self.state[_KEY] = {**self._counters, "grad_norm": gn}
         ok = torch.isfinite(g2)
         if loss is not None:
             ok = ok & torch.isfinite(self._loss_scalar(loss, like))
@@ -363,7 +489,8 @@ class SAM_SPS(torch.optim.Optimizer):
                     "loss: first_step() needs the loss on a non-perturbing step (interval > 1)"
                 )
             self._plain_step(lists, self._loss_scalar(loss, like), g2, ok)
-            self._calls += 1
+            self._advance_calls()
+            self._fire_post_hooks()
             return False
 
         for group, ps, gs in lists:
@@ -387,7 +514,7 @@ class SAM_SPS(torch.optim.Optimizer):
                         H.add_(cp, cb, self.foreach)  # x -> e
         self.zero_grad(set_to_none=True)
         H.scaler_reset(scaler, self)
-        self._pending = {
+        self.state[_PENDING] = {
             "ok": ok,
             "found": found,
             "params": [(group, ps) for group, ps, _ in lists],
@@ -405,10 +532,17 @@ class SAM_SPS(torch.optim.Optimizer):
         in place (zero when the step is skipped). ``loss``: the (unscaled,
         accumulated) loss at :math:`e`. Returns the step size of the first group (0-d).
         """
-        pending = self._pending
+        pending = self.state.get(_PENDING)
         if pending is None:
             raise RuntimeError("second_step() called without first_step()")
-        self._pending = None
+        del self.state[_PENDING]
+        if loss is None:  # move back to x before refusing (no half-done step)
+            for _, ps in pending["params"]:
+                if ps:
+                    bufs = [self.state[p][self._key] for p in ps]
+                    for bp, bb in group_by_device_dtype(ps, bufs):
+                        self._restore_(bp, bb)
+            self._loss_scalar(None, self._anchor())  # raises ValueError naming the loss
         anchor = self._anchor()
         acc = self._acc_dtype()
         dev = anchor.device
@@ -472,7 +606,8 @@ class SAM_SPS(torch.optim.Optimizer):
         self._finish(first.finite)
         if pending["found"] is not None:
             H.scaler_merge_found_inf(scaler, self, pending["found"])
-        self._calls += 1
+        self._advance_calls()
+        self._fire_post_hooks()
         return first.step_size
 
     # ------------------------------------------------------------ shared pieces
@@ -524,10 +659,18 @@ class SAM_SPS(torch.optim.Optimizer):
                 H.addcmul_(cp, cg, c_g, self.foreach)
 
     def _finish(self, finite: torch.Tensor) -> None:
-        assert self._count is not None and self._skipped is not None
-        f = finite.to(self._count.device)
-        self._count.add_(f.to(torch.int64))
-        self._skipped.add_((~f).to(torch.int64))
+        c = self._counters
+        f = finite.to(c["count"].device)
+        # A new dict with new tensors: earlier state_dict() snapshots stay valid.
+        self.state[_KEY] = {
+            **c,
+            "count": c["count"] + f.to(torch.int64),
+            "skipped": c["skipped"] + (~f).to(torch.int64),
+        }
+
+    def _advance_calls(self) -> None:
+        c = self._counters
+        self.state[_KEY] = {**c, "calls": int(c["calls"]) + 1}
 
     def _plain_step(
         self,
@@ -560,37 +703,45 @@ class SAM_SPS(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim`` state dict plus the step counters; the ``x``/``offset`` buffers are
-        scratch between steps and are not saved."""
-        if self._pending is not None:
+        """``torch.optim`` state dict; the step counters are its ``state["sam_sps"]``
+        entry, the ``x``/``offset`` buffers are scratch between steps and are left out."""
+        if _PENDING in self.state:
             raise RuntimeError(
                 "state_dict() between first_step() and second_step(): finish the step first"
             )
         sd = super().state_dict()
-        sd["state"] = {
-            k: {kk: vv for kk, vv in v.items() if kk not in ("x", "offset")}
-            for k, v in sd["state"].items()
-        }
-        sd["state"] = {k: v for k, v in sd["state"].items() if v}
-        self._ensure_counters()
-        assert self._count is not None and self._skipped is not None
-        sd["sam_sps"] = {
-            "calls": self._calls,
-            "count": self._count.clone(),
-            "skipped": self._skipped.clone(),
-        }
+        state = {}
+        for k, v in sd["state"].items():
+            if isinstance(k, int) and isinstance(v, dict):
+                v = {kk: vv for kk, vv in v.items() if kk not in _SCRATCH}
+                if not v:
+                    continue
+            state[k] = v
+        sd["state"] = state
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load our checkpoints (also those before 0.2, with a top-level ``"sam_sps"``
+        entry) and ``sam_sps.SAM_SPS`` checkpoints (``lr`` and ``weight_decay`` per
+        group; the other hyperparameters keep this optimizer's values)."""
         state_dict = dict(state_dict)
-        extra = state_dict.pop("sam_sps", None)
+        legacy = state_dict.pop("sam_sps", None)
         super().load_state_dict(state_dict)
         dev = self._anchor().device
         for group in self.param_groups:
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"] = group["lr"].to(dev)
-        self._pending = None
-        if extra is not None:
-            self._calls = int(extra["calls"])
-            self._count = extra["count"].to(device=dev, dtype=torch.int64).clone()
-            self._skipped = extra["skipped"].to(device=dev, dtype=torch.int64).clone()
+        for p, st in self.state.items():
+            if isinstance(p, torch.Tensor):
+                for k in _SCRATCH:
+                    st.pop(k, None)
+        self.state.pop(_PENDING, None)
+        extra = legacy if legacy is not None else self.state.get(_KEY)
+        if extra is None:
+            extra = {"calls": 0, "count": torch.zeros((), dtype=torch.int64)}
+            extra["skipped"] = extra["count"]
+        self.state[_KEY] = {
+            "calls": int(extra["calls"]),
+            "count": extra["count"].to(device=dev, dtype=torch.int64).clone(),
+            "skipped": extra["skipped"].to(device=dev, dtype=torch.int64).clone(),
+        }
