@@ -53,12 +53,15 @@ from ._common import (
     resolve_foreach,
     sq_norms,
 )
+from ._dtensor import dcp_compatible  # [dtensor hook]
 
 __all__ = ["PerturbedAdam"]
 
 _SCALARS = ("count", "small_steps", "perturbations", "skipped", "perturbed")
 
 
+# [dtensor hook] state_dict() loadable by torch.distributed.checkpoint
+@dcp_compatible
 class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
     r"""Adam with PGD-style perturbations (psd-optimizer semantics, global gate).
 

@@ -44,12 +44,15 @@ from ._common import (
     host_values,
     resolve_foreach,
 )
+from ._dtensor import dcp_compatible  # [dtensor hook]
 
 __all__ = ["PSD"]
 
 _CURVATURE = (None, "grad_diff", "hvp")
 
 
+# [dtensor hook] state_dict() loadable by torch.distributed.checkpoint
+@dcp_compatible
 class PSD(GeneratorStateMixin, torch.optim.Optimizer):
     r"""Perturbed Saddle-escape Descent (Alpay & Alakkad 2025) on the :mod:`psd_core` state machine.
 

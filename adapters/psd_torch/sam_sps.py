@@ -77,6 +77,7 @@ from psd_core.validation import check_choice, check_int
 
 from . import _sam_helpers as H
 from ._common import chunked, global_sq_norm, group_by_device_dtype
+from ._dtensor import dcp_compatible  # [dtensor hook]
 
 __all__ = ["SAM_SPS"]
 
@@ -84,6 +85,8 @@ _HYPER = ("rho", "lambd", "f_star", "gamma_b", "weight_decay", "variant")
 _FIRST_PASS = ("global", "per_rank")
 
 
+# [dtensor hook] state_dict() loadable by torch.distributed.checkpoint
+@dcp_compatible(marker=False)
 class SAM_SPS(torch.optim.Optimizer):
     r"""SAM / USAM with the stochastic Polyak step size (Oikonomou & Loizou, 2025).
 
