@@ -127,7 +127,7 @@ def global_sq_norm(
     from ._common import global_sq_norm as local_global_sq_norm
 
     locals_ = [_local(t) for t in tensors]
-    out = tree_acc_dtype([locals_[0]] + locals_[1:]) if dtype is None else dtype
+    out = tree_acc_dtype(locals_) if dtype is None else dtype
     dev = locals_[0].device if device is None else device
     total: torch.Tensor | None = None
     for key, idx in _split(tensors).items():
