@@ -32,6 +32,8 @@ import torch
 from psd_core import validation
 from psd_core._array import accumulation_dtype, tree_acc_dtype
 
+from . import _dtensor as _dt  # [dtensor hook]
+
 __all__ = [
     "GeneratorStateMixin",
     "acc_dtype",
@@ -128,7 +130,9 @@ def chunked(*lists: Sequence[torch.Tensor], max_numel: int | None = None) -> lis
     n = 0
     for items in zip(*lists):
         k = items[0].numel()
-        if k > max_numel and all(t.is_contiguous() for t in items):
+        # [dtensor hook] a DTensor is never cut into flat views
+        flat_ok = all(t.is_contiguous() for t in items) and not _dt.any_dtensor(items)
+        if k > max_numel and flat_ok:
             if cur[0]:
                 out.append(cur)
                 cur, n = tuple([] for _ in lists), 0
@@ -167,6 +171,8 @@ def sq_norms(
     call beats a Python loop; float16, bfloat16, non-contiguous): ``torch._foreach_norm``
     (or a per-tensor norm) in the accumulation dtype, squared.
     """
+    if _dt.any_dtensor(tensors):  # [dtensor hook] norms of the global tensors
+        return _dt.sq_norms(tensors, foreach=foreach, device=device, dtype=dtype)
     dt = tensors[0].dtype
     red = acc_dtype(dt)
     big = sum(t.numel() for t in tensors) >= _DOT_MIN_NUMEL * len(tensors)
@@ -198,6 +204,8 @@ def global_sq_norm(
     """
     if len(tensors) == 0:
         raise ValueError("global_sq_norm: empty tensor list")
+    if _dt.any_dtensor(tensors):  # [dtensor hook] summed over the mesh
+        return _dt.global_sq_norm(tensors, foreach=foreach, device=device, dtype=dtype)
     groups = group_by_device_dtype(tensors)
     # One leaf per group carries the group's dtype: the core's rule at O(#groups).
     out = tree_acc_dtype([ts[0] for (ts,) in groups]) if dtype is None else dtype
@@ -259,7 +267,8 @@ def draw_normals(params: Iterable[torch.Tensor], generator: torch.Generator) -> 
     out = []
     for p in params:
         z = torch.randn(p.shape, dtype=p.dtype, device=gdev, generator=generator)
-        out.append(z if z.device == p.device else z.to(p.device))
+        z = z if z.device == p.device else z.to(p.device)
+        out.append(_dt.shard_like(z, p) if _dt.is_dtensor(p) else z)  # [dtensor hook]
     return out
 
 

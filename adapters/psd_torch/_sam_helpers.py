@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _dtensor as _dt  # [dtensor hook]
 from ._common import acc_dtype, chunked, group_by_device_dtype, sq_norms
 
 __all__ = [
@@ -75,7 +76,7 @@ def addcmul_(
 
 
 def copy_(xs: list[torch.Tensor], ys: list[torch.Tensor], foreach: bool) -> None:
-    if foreach:
+    if foreach and not _dt.any_dtensor(xs):  # [dtensor hook] no DTensor _foreach_copy_
         torch._foreach_copy_(xs, ys)
     else:
         for x, y in zip(xs, ys):
@@ -166,6 +167,8 @@ def sq_norm_and_dot(
     :math:`\\sum_i \\langle g_i, a_i - b_i\\rangle` (``diff``) or
     :math:`\\sum_i \\langle g_i, b_i\\rangle`, in one chunked pass over ``g`` (each
     chunk is reduced twice while it is in cache). 0-d, ``out_dtype``, on ``device``."""
+    if _dt.any_dtensor(gs):  # [dtensor hook] summed over the mesh
+        return _dt.sq_norm_and_dot(gs, as_, bs, out_dtype, device, diff=diff, foreach=foreach)
     sq = torch.zeros((), dtype=out_dtype, device=device)
     dot = torch.zeros((), dtype=out_dtype, device=device)
     for bg, ba, bb in group_by_device_dtype(gs, as_, bs):

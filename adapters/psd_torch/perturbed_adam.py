@@ -57,6 +57,7 @@ from ._common import (
     resolve_foreach,
     sq_norms,
 )
+from ._dtensor import dcp_compatible  # [dtensor hook]
 
 __all__ = ["PerturbedAdam"]
 
@@ -71,6 +72,8 @@ def _config_of(group: dict[str, Any], lr: Any) -> PerturbedAdamConfig:
     )
 
 
+# [dtensor hook] state_dict() loadable by torch.distributed.checkpoint
+@dcp_compatible
 class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
     r"""Adam with PGD-style perturbations (psd-optimizer semantics, global gate).
 

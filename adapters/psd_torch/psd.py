@@ -53,6 +53,7 @@ from ._common import (
     lr_scalar,
     resolve_foreach,
 )
+from ._dtensor import dcp_compatible  # [dtensor hook]
 
 __all__ = ["PSD"]
 
@@ -103,6 +104,8 @@ def _config_of(group: dict[str, Any], lr: Any) -> PSDConfig:
     )
 
 
+# [dtensor hook] state_dict() loadable by torch.distributed.checkpoint
+@dcp_compatible
 class PSD(GeneratorStateMixin, torch.optim.Optimizer):
     r"""Perturbed Saddle-escape Descent (Alpay & Alakkad 2025) on the :mod:`psd_core` state machine.
 

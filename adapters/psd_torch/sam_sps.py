@@ -88,6 +88,7 @@ from ._common import (
     global_sq_norm,
     group_by_device_dtype,
 )
+from ._dtensor import dcp_compatible  # [dtensor hook]
 
 __all__ = ["SAM_SPS"]
 
@@ -101,6 +102,8 @@ _PENDING = "sam_sps_pending"
 """Reserved ``optimizer.state`` key holding the first pass's record until ``second_step``."""
 
 
+# [dtensor hook] state_dict() loadable by torch.distributed.checkpoint
+@dcp_compatible(marker=False)
 class SAM_SPS(torch.optim.Optimizer):
     r"""SAM / USAM with the stochastic Polyak step size (Oikonomou & Loizou, 2025).
 
