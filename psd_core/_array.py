@@ -27,11 +27,18 @@ __all__ = [
     "accumulation_dtype",
     "as_scalar",
     "coefficient_for",
+    "count_dtype",
+    "is_complex",
+    "real_dtype",
+    "int_constant",
+    "saturating_increment",
     "tree_acc_dtype",
     "namespace",
     "register_namespace_hook",
+    "tree_all_finite",
     "tree_dot",
     "tree_lincomb",
+    "tree_norm",
     "tree_select",
     "tree_size",
     "tree_sq_norm",
@@ -72,11 +79,78 @@ def namespace(*trees: Array) -> Any:
     return array_namespace(*leaves)
 
 
+def real_dtype(xp: Any, dtype: Any) -> Any:
+    """The real counterpart of ``dtype``: complex64 -> float32, complex128 -> float64."""
+    if xp.isdtype(dtype, "complex floating"):
+        return xp.float32 if dtype == xp.complex64 else xp.float64
+    return dtype
+
+
 def accumulation_dtype(xp: Any, dtype: Any) -> Any:
-    """dtype used for reductions over leaves of ``dtype``: float32 for <32-bit floats."""
+    """Real dtype used for reductions over leaves of ``dtype``: float32 for <32-bit
+    floats, the real counterpart for complex dtypes, ``dtype`` otherwise."""
+    dtype = real_dtype(xp, dtype)
     if xp.isdtype(dtype, "real floating") and xp.finfo(dtype).bits < 32:
         return xp.float32
     return dtype
+
+
+def is_complex(xp: Any, x: Array) -> bool:
+    """Whether ``x`` has a complex dtype (static)."""
+    return bool(xp.isdtype(x.dtype, "complex floating"))
+
+
+_COUNT_DTYPES: dict[int, Any] = {}
+
+
+def count_dtype(xp: Any) -> Any:
+    """Integer dtype of the core's counters and budgets on namespace ``xp`` (static).
+
+    int64 where the namespace really has it (NumPy, PyTorch, array-api-strict, JAX
+    with ``jax_enable_x64``); int32 otherwise (JAX without x64), where counters
+    saturate at :math:`2^{31}-1` and configuration values above it are clamped to
+    it, which then means "effectively unlimited".
+    """
+    key = id(xp)
+    dt = _COUNT_DTYPES.get(key)
+    if dt is None:
+        import warnings
+
+        dt = getattr(xp, "int64", None)
+        if dt is None:
+            dt = xp.int32
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    probe = xp.zeros((), dtype=dt)
+                    if probe.dtype != dt:
+                        dt = xp.int32
+                except Exception:  # pragma: no cover - namespaces without int64 arrays
+                    dt = xp.int32
+        # JAX's x64 flag can change at run time: do not cache its answer.
+        if "jax" not in getattr(xp, "__name__", ""):
+            _COUNT_DTYPES[key] = dt
+    return dt
+
+
+def int_constant(value: int, like: Array) -> Array:
+    """Python int ``value`` as a 0-d array of ``like``'s integer dtype, clamped to its range.
+
+    The clamp gives budgets above the dtype's range (e.g. :math:`M > 2^{31}-1` on
+    int32 counters) the meaning "effectively unlimited" instead of an overflow.
+    """
+    xp = namespace(like)
+    info = xp.iinfo(like.dtype)
+    v = max(min(int(value), int(info.max)), int(info.min))
+    return xp.asarray(v, dtype=like.dtype, device=device(like))
+
+
+def saturating_increment(counter: Array) -> Array:
+    """``counter + 1`` that stops at the dtype's maximum instead of wrapping."""
+    xp = namespace(counter)
+    top = int_constant(xp.iinfo(counter.dtype).max, counter)
+    return xp.where(counter < top, counter + xp.ones_like(counter), counter)
 
 
 def as_scalar(value: Any, like: Array, dtype: Any = None) -> Array:
@@ -107,7 +181,7 @@ def coefficient_for(c: Any, leaf: Array) -> Array:
     (one independent problem per row, see :mod:`psd_core.perturbation`) is reshaped to
     ``(n, 1, ..., 1)`` so that it scales row ``i`` of a ``(n, ...)`` leaf.
     """
-    c = as_scalar(c, leaf)
+    c = as_scalar(c, leaf, real_dtype(namespace(leaf), leaf.dtype))
     extra = leaf.ndim - c.ndim
     if c.ndim > 0 and extra > 0:
         xp = namespace(leaf)
@@ -128,13 +202,18 @@ def tree_acc_dtype(tree: Tree) -> Any:
 
 
 def tree_size(tree: Tree) -> int:
-    """Total number of scalars in the tree (static: shapes are known at trace time)."""
+    """Real dimension of the tree (static: shapes are known at trace time).
+
+    Each real scalar counts 1 and each complex scalar 2 (its real and imaginary
+    parts), the dimension :math:`d` of the real vector space the methods work in.
+    """
+    xp = namespace(tree)
     total = 0
     for leaf in tree:
         n = 1
         for s in leaf.shape:
             n *= int(s)
-        total += n
+        total += 2 * n if is_complex(xp, leaf) else n
     return total
 
 
@@ -143,22 +222,86 @@ def _flat(xp: Any, x: Array, dtype: Any) -> Array:
     return xp.astype(x, dtype) if x.dtype != dtype else x
 
 
+def _sq(xp: Any, x: Array, acc: Any) -> Array:
+    """Elementwise :math:`|x|^2` in ``acc`` (``re^2 + im^2`` for complex ``x``)."""
+    if is_complex(xp, x):
+        re, im = _flat(xp, xp.real(x), acc), _flat(xp, xp.imag(x), acc)
+        return re * re + im * im
+    f = _flat(xp, x, acc)
+    return f * f
+
+
 def tree_sq_norm(tree: Tree) -> Array:
-    r"""Global squared norm :math:`\|x\|^2 = \sum_{\text{leaves}} \sum_i x_i^2` (0-d)."""
+    r"""Global squared norm :math:`\|x\|^2 = \sum_{\text{leaves}} \sum_i |x_i|^2` (0-d, real).
+
+    Not overflow-safe: a finite entry above :math:`\sqrt{\max}` of the
+    accumulation dtype (1e20 in float32) gives ``inf``; use :func:`tree_norm` and
+    :func:`tree_all_finite` where that matters.
+    """
     xp = namespace(tree)
     total = None
     for leaf in tree:
         acc = accumulation_dtype(xp, leaf.dtype)
-        f = _flat(xp, leaf, acc)
-        s = xp.sum(f * f)
+        s = xp.sum(_sq(xp, leaf, acc))
         total = s if total is None else total + s
     if total is None:
         raise ValueError("tree_sq_norm: the tree has no leaves (empty parameter list)")
     return total
 
 
+def tree_norm(tree: Tree) -> Array:
+    r"""Overflow-safe global 2-norm :math:`\|x\|` in the accumulation dtype (0-d, real).
+
+    Scaled by :math:`s = \max_i |x_i|`: :math:`\|x\| = s\,\sqrt{\sum_i |x_i/s|^2}`, so
+    it is finite for every finite tree whose norm fits the dtype (1e20 in float32
+    gives 1e20, not ``inf``). NaN or inf entries give a non-finite result.
+    Two passes over the data; :func:`tree_sq_norm` is the one-pass version.
+    """
+    xp = namespace(tree)
+    acc = tree_acc_dtype(tree)
+    scale = None
+    for leaf in tree:
+        if tree_size([leaf]) == 0:
+            continue
+        m = xp.max(_flat(xp, xp.abs(leaf), acc))
+        scale = m if scale is None else xp.maximum(scale, m)
+    if scale is None:
+        return xp.zeros((), dtype=acc, device=device(tree[0]))
+    ok = xp.isfinite(scale) & (scale > 0)
+    safe = xp.where(ok, scale, xp.ones_like(scale))
+    total = None
+    for leaf in tree:
+        a = _flat(xp, xp.abs(leaf), acc) / safe
+        t = xp.sum(a * a)
+        total = t if total is None else total + t
+    norm = safe * xp.sqrt(total)
+    return xp.where(ok, norm, xp.where(xp.isfinite(scale), xp.zeros_like(norm), scale))
+
+
+def tree_all_finite(tree: Tree) -> Array:
+    """0-d bool: every entry of every leaf is finite (no NaN, no inf).
+
+    Unlike ``isfinite(tree_sq_norm(tree))`` this is not fooled by a finite tree whose
+    squared norm overflows (e.g. an entry of 1e20 in float32).
+    """
+    xp = namespace(tree)
+    ok = None
+    for leaf in tree:
+        f = xp.all(xp.isfinite(leaf))
+        ok = f if ok is None else ok & f
+    if ok is None:
+        raise ValueError("tree_all_finite: the tree has no leaves (empty parameter list)")
+    return ok
+
+
 def tree_dot(a: Tree, b: Tree) -> Array:
-    r"""Global dot product :math:`\langle a, b\rangle` over matching leaves (0-d)."""
+    r"""Global real inner product :math:`\operatorname{Re}\langle a, b\rangle` over matching leaves (0-d).
+
+    For complex leaves :math:`\sum_i \operatorname{re}(a_i)\operatorname{re}(b_i) +
+    \operatorname{im}(a_i)\operatorname{im}(b_i)`: the inner product of the real vector
+    space of real and imaginary parts (torch's optimizers' convention for complex
+    parameters).
+    """
     if len(a) != len(b):
         raise ValueError(f"tree_dot: trees have {len(a)} and {len(b)} leaves")
     xp = namespace(a, b)
@@ -167,7 +310,15 @@ def tree_dot(a: Tree, b: Tree) -> Array:
         if tuple(x.shape) != tuple(y.shape):
             raise ValueError(f"tree_dot: leaf shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
         acc = accumulation_dtype(xp, xp.result_type(x.dtype, y.dtype))
-        s = xp.sum(_flat(xp, x, acc) * _flat(xp, y, acc))
+        cx, cy = is_complex(xp, x), is_complex(xp, y)
+        if cx or cy:
+            s = xp.sum(
+                _flat(xp, xp.real(x) if cx else x, acc) * _flat(xp, xp.real(y) if cy else y, acc)
+            )
+            if cx and cy:
+                s = s + xp.sum(_flat(xp, xp.imag(x), acc) * _flat(xp, xp.imag(y), acc))
+        else:
+            s = xp.sum(_flat(xp, x, acc) * _flat(xp, y, acc))
         total = s if total is None else total + s
     if total is None:
         raise ValueError("tree_dot: the trees have no leaves (empty parameter list)")

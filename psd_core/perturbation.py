@@ -29,9 +29,12 @@ caller's curvature test says the point is a saddle. A perturbation starts an
 episode of ``episode_length`` plain gradient steps during which the gate is not
 consulted.
 
-Non-finite policy: if :math:`\|g\|^2` is not finite (a NaN or inf gradient, or a
-float overflow of the norm), the step is skipped: the updates are exactly zero,
-the state is unchanged except ``skipped`` which counts such steps.
+Non-finite policy: if the gradient is not finite (a NaN or inf entry), the step is
+skipped: the updates are exactly zero and the state is unchanged except
+``skipped``, which counts such steps, and ``count``, which counts every call
+(``perturbed`` keeps its value). A finite gradient whose squared norm overflows
+(1e20 in float32) is not skipped when the caller passes ``finite=`` (the vector
+layer does, from :func:`psd_core._array.tree_all_finite`).
 
 References:
     Alpay & Alakkad, *Perturbed Saddle-escape Descent*, 2025, arXiv:2508.16540.
@@ -46,10 +49,16 @@ from typing import Any, NamedTuple
 from ._array import (
     Array,
     Tree,
+    accumulation_dtype,
     as_scalar,
     coefficient_for,
+    count_dtype,
+    int_constant,
+    is_complex,
     namespace,
+    saturating_increment,
     tree_acc_dtype,
+    tree_all_finite,
     tree_select,
     tree_size,
     tree_sq_norm,
@@ -91,9 +100,17 @@ __all__ = [
     "psd_updates",
 ]
 
-_INT_MAX_EPISODES = 2**31 - 1
+_INT_MAX_EPISODES = 2**63 - 1
+"""``max_episodes=None``: unlimited (clamped to the counter dtype's maximum)."""
 _GATES = ("grad_norm", "ema")
 _NOISES = ("ball", "gaussian")
+
+
+def _count(name: str, value: Any) -> int:
+    """An integer hyperparameter ``>= 0``; values beyond int64 are clamped to
+    :math:`2^{63}-1` ("effectively unlimited", e.g. the paper's :math:`M` for a tiny
+    :math:`\\epsilon`)."""
+    return min(check_int(name, value, minimum=0, maximum=10**100), _INT_MAX_EPISODES)
 
 
 def _lr_checked(learning_rate: Any) -> Any:
@@ -148,6 +165,10 @@ def psd_config(
         t_thres: a perturbation needs more than ``t_thres`` steps since the last one
             (PGD / ``PSDTorch``), ``>= 0``.
         max_episodes: episode budget :math:`M` (``None`` = unlimited), ``>= 0``.
+            Integer hyperparameters accept values up to :math:`2^{63}-1` (e.g. the
+            paper's :math:`M` for a small :math:`\\epsilon`); counters are int64, or
+            int32 on JAX without x64, where larger values are clamped to
+            :math:`2^{31}-1` ("effectively unlimited") and counters saturate there.
         gate: ``"grad_norm"`` (gate on :math:`\\|g_t\\|`) or ``"ema"`` (gate on
             :math:`\\sqrt{v_t}`, the PSGD companion note).
         ema_beta: :math:`\\beta \\in (0, 1)` of the EMA gate.
@@ -160,12 +181,10 @@ def psd_config(
         learning_rate=_lr_checked(learning_rate),
         epsilon=check_nonnegative("epsilon", epsilon),
         radius=check_nonnegative("radius", radius),
-        episode_length=check_int("episode_length", episode_length, minimum=0),
-        t_thres=check_int("t_thres", t_thres, minimum=0),
+        episode_length=_count("episode_length", episode_length),
+        t_thres=_count("t_thres", t_thres),
         max_episodes=(
-            _INT_MAX_EPISODES
-            if max_episodes is None
-            else check_int("max_episodes", max_episodes, minimum=0)
+            _INT_MAX_EPISODES if max_episodes is None else _count("max_episodes", max_episodes)
         ),
         gate=check_choice("gate", gate, _GATES),
         ema_beta=check_open_unit("ema_beta", ema_beta),
@@ -178,7 +197,8 @@ class PSDState(NamedTuple):
     """State of the PSD state machine: 0-d arrays (or shape ``(n,)`` when batched)."""
 
     count: Array
-    """Completed (finite) steps."""
+    """Calls so far, skipped ones included (so a schedule ``count -> lr`` sees every
+    step, as Optax's schedules do)."""
     since_perturb: Array
     """Steps since the last perturbation, saturating at ``t_thres + 1``."""
     episode_left: Array
@@ -210,18 +230,27 @@ def psd_init(
     dev = device(like)
     acc = acc_dtype if acc_dtype is not None else tree_acc_dtype([like])
 
+    idt = count_dtype(xp)
+    imax = int(xp.iinfo(idt).max)
+
     def full(v: Any, dt: Any) -> Array:
         return xp.full(batch_shape, v, dtype=dt, device=dev)
 
     return PSDState(
-        count=full(0, xp.int32),
-        since_perturb=full(config.t_thres + 1, xp.int32),
-        episode_left=full(0, xp.int32),
-        episodes=full(0, xp.int32),
+        count=full(0, idt),
+        since_perturb=full(min(config.t_thres + 1, imax), idt),
+        episode_left=full(0, idt),
+        episodes=full(0, idt),
         grad_sq_ema=full(0.0, acc),
-        skipped=full(0, xp.int32),
+        skipped=full(0, idt),
         perturbed=full(False, xp.bool),
     )
+
+
+def _t_thres(t_thres: int, like: Array) -> Array:
+    """``t_thres`` as a counter constant, at most ``max - 1`` so that ``since > t`` can hold."""
+    xp = namespace(like)
+    return int_constant(min(t_thres, int(xp.iinfo(like.dtype).max) - 1), like)
 
 
 class PSDGate(NamedTuple):
@@ -233,22 +262,35 @@ class PSDGate(NamedTuple):
     """The updated EMA of :math:`\\|g\\|^2` (unchanged on a skipped step)."""
 
 
-def psd_gate(grad_sq_norm: Array, state: PSDState, config: PSDConfig) -> PSDGate:
+def psd_gate(
+    grad_sq_norm: Array, state: PSDState, config: PSDConfig, *, finite: Array | None = None
+) -> PSDGate:
     """Evaluate the PSD gate for a gradient of squared norm ``grad_sq_norm``.
 
     The gate is open when the step is finite, no episode runs, the gate statistic is
     at most ``epsilon``, the minimum gap ``t_thres`` has passed and the episode
     budget is not spent. Solvers call this to decide whether to run a curvature
     test; :func:`psd_coefficients` calls it to decide whether to perturb.
+
+    ``finite`` (keyword, optional): whether the gradient is finite, e.g.
+    :func:`psd_core._array.tree_all_finite` of it. Without it the step counts as
+    finite when ``grad_sq_norm`` is, so a finite gradient whose squared norm
+    overflows would be skipped; with it such a step is taken (its gate is closed).
     """
     xp = namespace(grad_sq_norm)
     g2 = grad_sq_norm
-    finite = xp.isfinite(g2)
+    if finite is None:
+        finite = xp.isfinite(g2)
     g2 = xp.where(finite, g2, xp.zeros_like(g2))
     ema_dt = state.grad_sq_ema.dtype
     g2e = xp.astype(g2, ema_dt) if g2.dtype != ema_dt else g2
+    # an overflowed square (finite gradient) enters the EMA as the largest finite value
+    g2e = xp.minimum(g2e, as_scalar(xp.finfo(ema_dt).max, g2e))
     beta = config.ema_beta
-    ema_new = xp.where(state.count == 0, g2e, (1.0 - beta) * state.grad_sq_ema + beta * g2e)
+    # the first finite step initializes the EMA (count counts every call, see PSDState)
+    ema_new = xp.where(
+        state.count == state.skipped, g2e, (1.0 - beta) * state.grad_sq_ema + beta * g2e
+    )
     ema_new = xp.where(finite, ema_new, state.grad_sq_ema)
     stat_sq = g2 if config.gate == "grad_norm" else xp.astype(ema_new, g2.dtype)
     small = xp.sqrt(stat_sq) <= as_scalar(config.epsilon, g2)
@@ -256,8 +298,8 @@ def psd_gate(grad_sq_norm: Array, state: PSDState, config: PSDConfig) -> PSDGate
         finite
         & (state.episode_left <= 0)
         & small
-        & (state.since_perturb > config.t_thres)
-        & (state.episodes < config.max_episodes)
+        & (state.since_perturb > _t_thres(config.t_thres, state.since_perturb))
+        & (state.episodes < int_constant(config.max_episodes, state.episodes))
     )
     return PSDGate(finite=finite, open=open_, grad_sq_ema=ema_new)
 
@@ -285,6 +327,7 @@ def psd_coefficients(
     uniform: Array | None = None,
     saddle: Array | None = None,
     learning_rate: Any = None,
+    finite: Array | None = None,
 ) -> tuple[PSDCoefficients, PSDState]:
     """One step of the PSD state machine on scalars.
 
@@ -297,12 +340,14 @@ def psd_coefficients(
         uniform: the :math:`U(0,1)` draw (needed for ``noise="ball"``).
         saddle: optional bool from a curvature test: perturb only where it is true.
         learning_rate: overrides ``config.learning_rate`` (e.g. a scheduled value).
+        finite: whether the gradient is finite (see :func:`psd_gate`); pass
+            ``tree_all_finite(grads)`` so that only a truly non-finite gradient skips.
 
     Returns:
         The :class:`PSDCoefficients` and the new state.
     """
     xp = namespace(grad_sq_norm)
-    gate = psd_gate(grad_sq_norm, state, config)
+    gate = psd_gate(grad_sq_norm, state, config, finite=finite)
     perturb = gate.open if saddle is None else (gate.open & saddle)
     lr = config.learning_rate if learning_rate is None else learning_rate
     if callable(lr):
@@ -322,26 +367,28 @@ def psd_coefficients(
     noise_coef = xp.where(perturb, scale, zero)
 
     one = xp.ones_like(state.count)
-    cap = xp.full_like(state.count, config.t_thres + 1)
+    cap = _t_thres(config.t_thres, state.since_perturb) + xp.ones_like(state.since_perturb)
     fin = gate.finite
     new_state = PSDState(
-        count=xp.where(fin, state.count + one, state.count),
+        count=saturating_increment(state.count),
         since_perturb=xp.where(
             perturb,
-            one,
+            xp.ones_like(state.since_perturb),
             xp.where(fin, xp.minimum(state.since_perturb + one, cap), state.since_perturb),
         ),
         episode_left=xp.where(
             perturb,
-            xp.full_like(state.episode_left, config.episode_length),
+            int_constant(config.episode_length, state.episode_left),
             xp.where(
-                fin, xp.maximum(state.episode_left - one, xp.zeros_like(one)), state.episode_left
+                fin,
+                xp.maximum(state.episode_left - one, xp.zeros_like(state.episode_left)),
+                state.episode_left,
             ),
         ),
-        episodes=xp.where(perturb, state.episodes + one, state.episodes),
+        episodes=xp.where(perturb, saturating_increment(state.episodes), state.episodes),
         grad_sq_ema=gate.grad_sq_ema,
-        skipped=xp.where(fin, state.skipped, state.skipped + one),
-        perturbed=perturb,
+        skipped=xp.where(fin, state.skipped, saturating_increment(state.skipped)),
+        perturbed=xp.where(fin, perturb, state.perturbed),
     )
     return PSDCoefficients(grad=grad_coef, noise=noise_coef, finite=fin, perturb=perturb), new_state
 
@@ -443,6 +490,7 @@ def psd(
             noise_sq_norm=tree_sq_norm(normals) if cfg.noise == "ball" else None,
             uniform=uniform,
             saddle=saddle,
+            finite=tree_all_finite(grads),
         )
         return psd_updates(coeffs, grads, normals), new_state
 
@@ -487,6 +535,10 @@ class PerturbedAdamConfig(NamedTuple):
     t_thres: int
     radius: float
     noise: str
+    eps_mode: str = "hat"
+
+
+_EPS_MODES = ("hat", "keras")
 
 
 def perturbed_adam_config(
@@ -498,23 +550,32 @@ def perturbed_adam_config(
     t_thres: int = 10,
     radius: float = 1e-3,
     noise: str = "gaussian",
+    *,
+    eps_mode: str = "hat",
 ) -> PerturbedAdamConfig:
-    """Validate PerturbedAdam hyperparameters (every adapter calls this)."""
+    """Validate PerturbedAdam hyperparameters (every adapter calls this).
+
+    ``eps_mode``: where :math:`\\epsilon` enters the Adam direction (see
+    :func:`adam_direction`): ``"hat"`` (torch, Optax, psd-optimizer) or ``"keras"``
+    (Keras's ``Adam``).
+    """
     return PerturbedAdamConfig(
         learning_rate=_lr_checked(learning_rate),
         b1=check_beta("b1", b1),
         b2=check_beta("b2", b2),
         eps=check_positive("eps", eps),
         g_thres=check_nonnegative("g_thres", g_thres),
-        t_thres=check_int("t_thres", t_thres, minimum=0),
+        t_thres=_count("t_thres", t_thres),
         radius=check_nonnegative("radius", radius),
         noise=check_choice("noise", noise, _NOISES),
+        eps_mode=check_choice("eps_mode", eps_mode, _EPS_MODES),
     )
 
 
 class PerturbedAdamState(NamedTuple):
     count: Array
-    """Adam step count used for bias correction (not reset by a perturbation, as published)."""
+    """Adam step count used for bias correction: applied (finite) steps only, like
+    ``optax.apply_if_finite(optax.adam)``; not reset by a perturbation, as published."""
     mu: list[Array]
     """First moment."""
     nu: list[Array]
@@ -534,7 +595,7 @@ def perturbed_adam_init(params: Tree, config: PerturbedAdamConfig) -> PerturbedA
     dev = device(params[0])
 
     def zero_int() -> Array:
-        return xp.asarray(0, dtype=xp.int32, device=dev)
+        return xp.asarray(0, dtype=count_dtype(xp), device=dev)
 
     return PerturbedAdamState(
         count=zero_int(),
@@ -547,30 +608,82 @@ def perturbed_adam_init(params: Tree, config: PerturbedAdamConfig) -> PerturbedA
     )
 
 
+def _to(xp: Any, x: Array, dtype: Any) -> Array:
+    return xp.astype(x, dtype) if x.dtype != dtype else x
+
+
 def adam_moments(
     grads: Tree, mu: Tree, nu: Tree, b1: float, b2: float
 ) -> tuple[list[Array], list[Array]]:
-    r"""Adam moments :math:`m^+ = \beta_1 m + (1-\beta_1) g`, :math:`v^+ = \beta_2 v + (1-\beta_2) g^2`."""
-    mu_new = [b1 * m + (1.0 - b1) * g for m, g in zip(mu, grads)]
-    nu_new = [b2 * v + (1.0 - b2) * (g * g) for v, g in zip(nu, grads)]
+    r"""Adam moments :math:`m^+ = \beta_1 m + (1-\beta_1) g`, :math:`v^+ = \beta_2 v + (1-\beta_2) g^2`.
+
+    Computed in the accumulation dtype (float32 for 16-bit moments) and stored in
+    the moments' own dtype.
+    """
+    xp = namespace(grads)
+    mu_new, nu_new = [], []
+    for g, m, v in zip(grads, mu, nu):
+        if is_complex(xp, m):
+            # torch's convention: Adam on the real and imaginary parts (view_as_real)
+            mu_new.append(b1 * m + (1.0 - b1) * _to(xp, g, m.dtype))
+            re, im = xp.real(g), xp.imag(g)
+            nu_new.append(b2 * v + (1.0 - b2) * _complex(xp, re * re, im * im, v.dtype))
+            continue
+        acc = accumulation_dtype(xp, m.dtype)
+        ga = _to(xp, g, acc)
+        mu_new.append(_to(xp, b1 * _to(xp, m, acc) + (1.0 - b1) * ga, m.dtype))
+        nu_new.append(_to(xp, b2 * _to(xp, v, acc) + (1.0 - b2) * (ga * ga), v.dtype))
     return mu_new, nu_new
 
 
+def _complex(xp: Any, re: Array, im: Array, dtype: Any) -> Array:
+    """``re + i im`` as ``dtype`` (complex)."""
+    return xp.astype(re, dtype) + xp.astype(im, dtype) * xp.asarray(1j, dtype=dtype)
+
+
 def adam_bias_corrections(count: Array, b1: float, b2: float, like: Array) -> tuple[Array, Array]:
-    r"""Bias corrections :math:`(1-\beta_1^t,\ 1-\beta_2^t)` for step count :math:`t \ge 1` (0-d)."""
+    r"""Bias corrections :math:`(1-\beta_1^t,\ 1-\beta_2^t)` for step count :math:`t \ge 1` (0-d).
+
+    Computed in ``like``'s dtype, or float32 if that is a 16-bit float.
+    """
     xp = namespace(like)
-    t = xp.astype(count, like.dtype)
-    return 1.0 - as_scalar(b1, like) ** t, 1.0 - as_scalar(b2, like) ** t
+    acc = accumulation_dtype(xp, like.dtype)
+    t = xp.astype(count, acc)
+    return 1.0 - as_scalar(b1, like, acc) ** t, 1.0 - as_scalar(b2, like, acc) ** t
 
 
-def adam_direction(mu: Tree, nu: Tree, bc1: Array, bc2: Array, eps: float) -> list[Array]:
-    r"""Bias-corrected Adam step :math:`\hat m/(\sqrt{\hat v}+\epsilon)`, :math:`\hat m = m/(1-\beta_1^t)`, :math:`\hat v = v/(1-\beta_2^t)`."""
+def adam_direction(
+    mu: Tree, nu: Tree, bc1: Array, bc2: Array, eps: float, *, eps_mode: str = "hat"
+) -> list[Array]:
+    r"""Bias-corrected Adam step :math:`\hat m/(\sqrt{\hat v}+\epsilon)`, :math:`\hat m = m/(1-\beta_1^t)`, :math:`\hat v = v/(1-\beta_2^t)`.
+
+    Computed and returned in the accumulation dtype (float32 for float16/bfloat16
+    moments, where :math:`\epsilon = 10^{-8}` would round to 0 and a zero moment
+    would give 0/0): a finite moment always gives a finite direction. Cast it to the
+    parameter dtype once, when the step is applied.
+
+    ``eps_mode="keras"`` gives Keras's ``Adam``,
+    :math:`\hat m/(\sqrt{\hat v} + \epsilon/\sqrt{1-\beta_2^t})`
+    (Keras adds :math:`\epsilon` to :math:`\sqrt{v}` before the bias correction).
+    """
+    check_choice("eps_mode", eps_mode, _EPS_MODES)
     xp = namespace(mu)
     out = []
     for m, v in zip(mu, nu):
-        c1 = coefficient_for(bc1, m)
-        c2 = coefficient_for(bc2, v)
-        out.append((m / c1) / (xp.sqrt(v / c2) + eps))
+        acc = accumulation_dtype(xp, m.dtype)
+        parts = (
+            [(xp.real(m), xp.real(v)), (xp.imag(m), xp.imag(v))] if is_complex(xp, m) else [(m, v)]
+        )
+        dirs = []
+        for mp, vp in parts:
+            ma, va = _to(xp, mp, acc), _to(xp, vp, acc)
+            c1 = coefficient_for(as_scalar(bc1, ma, acc), ma)
+            c2 = coefficient_for(as_scalar(bc2, va, acc), va)
+            e = as_scalar(eps, va, acc)
+            if eps_mode == "keras":
+                e = e / xp.sqrt(as_scalar(bc2, va, acc))
+            dirs.append((ma / c1) / (xp.sqrt(va / c2) + e))
+        out.append(dirs[0] if len(dirs) == 1 else _complex(xp, dirs[0], dirs[1], m.dtype))
     return out
 
 
@@ -596,6 +709,7 @@ def perturbed_adam_coefficients(
     noise_sq_norm: Array | None = None,
     uniform: Array | None = None,
     learning_rate: Any = None,
+    finite: Array | None = None,
 ) -> tuple[AdamCoefficients, PerturbedAdamState]:
     r"""The PerturbedAdam gate on scalars.
 
@@ -610,17 +724,25 @@ def perturbed_adam_coefficients(
     paper's gate is on the global norm, which is what this function uses. On a
     model with one parameter tensor the two coincide (tested).
 
+    Non-finite policy: the step is skipped (parameters and moments untouched) when
+    the gradient is not finite. Pass ``finite=tree_all_finite(grads)``
+    (:func:`psd_core._array.tree_all_finite`): the decision then rests on the
+    gradient alone, so a finite gradient whose squared norm overflows (1e20 in
+    float32) is not skipped. Without ``finite`` the older rule
+    ``isfinite(grad_sq_norm) & isfinite(step_sq_norm)`` applies.
+
     The returned state's ``mu``/``nu`` are the *old* moments; the vector layer
     selects the new ones (see :func:`perturbed_adam`).
     """
     xp = namespace(step_sq_norm)
-    finite = xp.isfinite(grad_sq_norm) & xp.isfinite(step_sq_norm)
+    if finite is None:
+        finite = xp.isfinite(grad_sq_norm) & xp.isfinite(step_sq_norm)
     one = xp.ones_like(state.small_steps)
-    c_new = state.small_steps + one
+    c_new = saturating_increment(state.small_steps)
     small = xp.sqrt(xp.where(finite, step_sq_norm, xp.zeros_like(step_sq_norm))) <= as_scalar(
         config.g_thres, step_sq_norm
     )
-    perturb = finite & small & (c_new >= config.t_thres)
+    perturb = finite & small & (c_new >= int_constant(config.t_thres, c_new))
     lr = config.learning_rate if learning_rate is None else learning_rate
     if callable(lr):
         lr = lr(state.count)
@@ -636,15 +758,17 @@ def perturbed_adam_coefficients(
         scale = as_scalar(config.radius, step_sq_norm)
     noise_coef = xp.where(perturb, scale, zero)
     new_state = PerturbedAdamState(
-        count=xp.where(finite, state.count + one, state.count),
+        count=xp.where(finite, saturating_increment(state.count), state.count),
         mu=state.mu,
         nu=state.nu,
         small_steps=xp.where(
             finite, xp.where(perturb | ~small, xp.zeros_like(one), c_new), state.small_steps
         ),
-        perturbations=xp.where(perturb, state.perturbations + one, state.perturbations),
-        skipped=xp.where(finite, state.skipped, state.skipped + one),
-        perturbed=perturb,
+        perturbations=xp.where(
+            perturb, saturating_increment(state.perturbations), state.perturbations
+        ),
+        skipped=xp.where(finite, state.skipped, saturating_increment(state.skipped)),
+        perturbed=xp.where(finite, perturb, state.perturbed),
     )
     return AdamCoefficients(
         step=step_coef, noise=noise_coef, finite=finite, perturb=perturb
@@ -661,16 +785,22 @@ def perturbed_adam(
     radius: float = 1e-3,
     *,
     noise: str = "gaussian",
+    eps_mode: str = "hat",
 ) -> Transformation:
     """PerturbedAdam (psd-optimizer semantics, global gate) as a pure transformation.
 
     ``update(grads, state, params=None, *, normals, uniform=None)``. On a perturbing
     step the update is ``radius * normals`` (``noise="gaussian"``, as published) or a
     uniform-ball sample, and both moments are reset to zero; otherwise it is the
-    Adam step ``-lr * m_hat / (sqrt(v_hat) + eps)``. Non-finite gradients: the step
-    is skipped and the state (moments included) is left unchanged.
+    Adam step ``-lr * m_hat / (sqrt(v_hat) + eps)``, computed in the accumulation
+    dtype (float32 for 16-bit parameters) and cast once. Non-finite gradients: the
+    step is skipped and the state (moments included) is left unchanged; the skip
+    is decided by the gradient's finiteness alone (a finite gradient gives a finite
+    direction), so moments and parameters can be written in one pass.
     """
-    cfg = perturbed_adam_config(learning_rate, b1, b2, eps, g_thres, t_thres, radius, noise)
+    cfg = perturbed_adam_config(
+        learning_rate, b1, b2, eps, g_thres, t_thres, radius, noise, eps_mode=eps_mode
+    )
 
     def init(params: Tree) -> PerturbedAdamState:
         return perturbed_adam_init(params, cfg)
@@ -689,7 +819,7 @@ def perturbed_adam(
         g2 = tree_sq_norm(grads)
         mu1, nu1 = adam_moments(grads, state.mu, state.nu, cfg.b1, cfg.b2)
         bc1, bc2 = adam_bias_corrections(state.count + 1, cfg.b1, cfg.b2, g2)
-        direction = adam_direction(mu1, nu1, bc1, bc2, cfg.eps)
+        direction = adam_direction(mu1, nu1, bc1, bc2, cfg.eps, eps_mode=cfg.eps_mode)
         coeffs, new_state = perturbed_adam_coefficients(
             tree_sq_norm(direction),
             g2,
@@ -698,10 +828,17 @@ def perturbed_adam(
             dim=tree_size(grads),
             noise_sq_norm=tree_sq_norm(normals) if cfg.noise == "ball" else None,
             uniform=uniform,
+            finite=tree_all_finite(grads),
         )
+        # the step in the accumulation dtype, cast once to the parameter dtype
         updates = [
-            coefficient_for(coeffs.step, d) * d + coefficient_for(coeffs.noise, d) * z
-            for d, z in zip(direction, normals)
+            _to(
+                xp,
+                coefficient_for(coeffs.step, d) * d
+                + coefficient_for(coeffs.noise, d) * _to(xp, z, d.dtype),
+                g.dtype,
+            )
+            for d, z, g in zip(direction, normals, grads)
         ]
         zeros = [xp.zeros_like(g) for g in grads]
         updates = tree_select(coeffs.finite, updates, zeros)

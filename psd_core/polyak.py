@@ -30,6 +30,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -38,8 +39,10 @@ from ._array import (
     Tree,
     as_scalar,
     namespace,
+    saturating_increment,
+    tree_all_finite,
     tree_dot,
-    tree_lincomb,
+    tree_norm,
     tree_select,
     tree_sq_norm,
 )
@@ -48,6 +51,7 @@ from .validation import (
     check_choice,
     check_finite_number,
     check_nonnegative,
+    check_positive,
     check_same_shapes,
     check_tree,
     check_unit_interval,
@@ -64,6 +68,7 @@ __all__ = [
     "sam_sps_coefficients",
     "sam_sps_config",
     "sam_sps_init",
+    "sam_sps_rho",
 ]
 
 NORM_FLOOR = 1e-12
@@ -73,7 +78,8 @@ _VARIANTS = ("sps+", "sps")
 
 
 class SAMSPSConfig(NamedTuple):
-    rho: float
+    rho: Any
+    """A number, or a schedule ``count -> rho`` (see :func:`sam_sps_rho`)."""
     lambd: float
     f_star: float
     gamma_b: float
@@ -82,7 +88,7 @@ class SAMSPSConfig(NamedTuple):
 
 
 def sam_sps_config(
-    rho: float = 0.1,
+    rho: Any = 0.1,
     lambd: float = 1.0,
     f_star: float = 0.0,
     gamma_b: float = 1.0,
@@ -92,27 +98,69 @@ def sam_sps_config(
     """Validate SAM-SPS hyperparameters (every adapter calls this).
 
     Args:
-        rho: perturbation radius :math:`\\rho \\ge 0` (0 gives SPS_max).
+        rho: perturbation radius :math:`\\rho \\ge 0` (0 gives SPS_max), or a schedule
+            ``count -> rho`` (e.g. Theorem 3.4's decreasing :math:`\\rho_t`) called
+            with the 0-d step count; it must return values :math:`\\ge 0`.
         lambd: :math:`\\lambda \\in [0, 1]`: 0 USAM, 1 SAM.
         f_star: lower bound :math:`\\ell^*` of the mini-batch loss (finite).
-        gamma_b: cap :math:`\\gamma_b \\ge 0` of the step size.
+        gamma_b: cap :math:`\\gamma_b > 0` of the step size; ``math.inf`` gives the
+            uncapped Polyak step.
         weight_decay: L2 coefficient :math:`w \\ge 0` in the descent step.
         variant: ``"sps+"`` (ReLU numerator, the paper) or ``"sps"``.
     """
     return SAMSPSConfig(
-        rho=check_nonnegative("rho", rho),
+        rho=rho if callable(rho) else check_nonnegative("rho", rho),
         lambd=check_unit_interval("lambd", lambd),
         f_star=check_finite_number("f_star", f_star),
-        gamma_b=check_nonnegative("gamma_b", gamma_b),
+        gamma_b=_check_gamma_b(gamma_b),
         weight_decay=check_nonnegative("weight_decay", weight_decay),
         variant=check_choice("variant", variant, _VARIANTS),
     )
 
 
-def sam_perturbation_scale(grad_sq_norm: Array, rho: Any, lambd: Any) -> Array:
-    r"""Scale :math:`c` with :math:`e - x = c\,g`: :math:`c = \rho(1 - \lambda + \lambda/\max(\|g\|, 10^{-12}))` (0-d)."""
+def _check_gamma_b(gamma_b: Any) -> float:
+    if isinstance(gamma_b, int | float) and not isinstance(gamma_b, bool) and gamma_b == math.inf:
+        return math.inf
+    return check_positive("gamma_b", gamma_b)
+
+
+def sam_sps_rho(rho: Any, count: Array, like: Array) -> Any:
+    """The radius for step ``count``: ``rho(t)`` for a schedule, ``rho`` otherwise.
+
+    The schedule receives ``t = count`` as a 0-d float array of ``like``'s dtype (the
+    accumulation dtype), so that plain arithmetic such as ``lambda t: 0.1 / (1 + t)``
+    keeps full precision on every backend.
+    """
+    if not callable(rho):
+        return rho
+    xp = namespace(like)
+    return rho(xp.astype(count, like.dtype))
+
+
+def sam_perturbation_scale(
+    grad_sq_norm: Array,
+    rho: Any,
+    lambd: Any,
+    *,
+    grad_norm: Array | None = None,
+    count: Array | None = None,
+) -> Array:
+    r"""Scale :math:`c` with :math:`e - x = c\,g`: :math:`c = \rho(1 - \lambda + \lambda/\max(\|g\|, 10^{-12}))` (0-d).
+
+    Computed in ``grad_sq_norm``'s dtype (the accumulation dtype: float32 for 16-bit
+    parameters; :math:`\rho/\|g\|` may exceed the float16 range). ``grad_norm``
+    (keyword): :math:`\|g\|` from the overflow-safe :func:`psd_core._array.tree_norm`,
+    used instead of ``sqrt(grad_sq_norm)``. ``rho`` may be a schedule; then ``count``
+    is required.
+    """
     xp = namespace(grad_sq_norm)
-    norm = xp.maximum(xp.sqrt(grad_sq_norm), as_scalar(NORM_FLOOR, grad_sq_norm))
+    like = grad_sq_norm
+    if callable(rho):
+        if count is None:
+            raise ValueError("sam_perturbation_scale: a rho schedule needs count=")
+        rho = sam_sps_rho(rho, count, like)
+    raw = xp.sqrt(grad_sq_norm) if grad_norm is None else as_scalar(grad_norm, like)
+    norm = xp.maximum(raw, as_scalar(NORM_FLOOR, like))
     rho_ = as_scalar(rho, grad_sq_norm)
     lam = as_scalar(lambd, grad_sq_norm)
     return rho_ * ((1.0 - lam) + lam / norm)
@@ -125,6 +173,8 @@ def polyak_step_size(
     grad_sq_norm: Array,
     gamma_b: Any,
     variant: str = "sps+",
+    *,
+    grad_norm: Array | None = None,
 ) -> Array:
     r"""Stochastic Polyak step :math:`\min\{[f(e) - \ell^* - \langle\nabla f(e), e - x\rangle]_+ / \max(\|\nabla f(e)\|^2, 10^{-12}),\ \gamma_b\}`.
 
@@ -135,6 +185,10 @@ def polyak_step_size(
         grad_sq_norm: :math:`\|\nabla f_S(e)\|^2` (0-d).
         gamma_b: cap :math:`\gamma_b`.
         variant: ``"sps+"`` clips the numerator at 0, ``"sps"`` does not.
+        grad_norm: (keyword) :math:`\|\nabla f_S(e)\|` from the overflow-safe
+            :func:`psd_core._array.tree_norm`; the step is then
+            :math:`(\text{num}/n)/n` with :math:`n = \max(\|\nabla f_S(e)\|, 10^{-6})`, finite
+            even where :math:`\|\nabla f_S(e)\|^2` overflows.
 
     Returns:
         0-d step size; 0 when any input is non-finite.
@@ -146,10 +200,21 @@ def polyak_step_size(
     num = loss - as_scalar(f_star, like) - inner
     if variant == "sps+":
         num = xp.maximum(num, xp.zeros_like(num))
-    den = xp.maximum(grad_sq_norm, as_scalar(NORM_FLOOR, like))
-    step = xp.minimum(num / den, as_scalar(gamma_b, like))
-    ok = xp.isfinite(step) & xp.isfinite(grad_sq_norm)
+    if grad_norm is None:
+        den = xp.maximum(grad_sq_norm, as_scalar(NORM_FLOOR, like))
+        ratio = num / den
+        ok_den = xp.isfinite(grad_sq_norm)
+    else:
+        n = xp.maximum(as_scalar(grad_norm, like), as_scalar(math.sqrt(NORM_FLOOR), like))
+        ratio = (num / n) / n
+        ok_den = xp.isfinite(n)
+    step = xp.minimum(ratio, as_scalar(gamma_b, like))
+    ok = xp.isfinite(step) & ok_den
     return xp.where(ok, step, xp.zeros_like(step))
+
+
+def _to(xp: Any, x: Array, dtype: Any) -> Array:
+    return xp.astype(x, dtype) if x.dtype != dtype else x
 
 
 class SAMSPSCoefficients(NamedTuple):
@@ -170,6 +235,8 @@ def sam_sps_coefficients(
     config: SAMSPSConfig,
     *,
     extra_finite: Array | None = None,
+    grad_e_norm: Array | None = None,
+    finite: Array | None = None,
 ) -> SAMSPSCoefficients:
     """Step size and descent coefficients from the second pass's scalars.
 
@@ -180,18 +247,27 @@ def sam_sps_coefficients(
         config: from :func:`sam_sps_config`.
         extra_finite: optional bool of further finiteness checks (first-pass loss
             and gradient norm); the step is skipped where it is false.
+        grad_e_norm: :math:`\\|\\nabla f(e)\\|` from :func:`psd_core._array.tree_norm`
+            (overflow-safe, see :func:`polyak_step_size`).
+        finite: whether :math:`\\nabla f(e)` is finite (``tree_all_finite``); replaces
+            the check ``isfinite(grad_e_sq_norm)``, which a finite gradient can fail by
+            overflow. Pass the first pass's ``tree_all_finite(grads)`` in
+            ``extra_finite`` likewise.
     """
     xp = namespace(grad_e_sq_norm)
     loss_e = as_scalar(loss_e, grad_e_sq_norm)
-    finite = (
-        xp.isfinite(loss_e)
-        & xp.isfinite(grad_e_sq_norm)
-        & xp.isfinite(as_scalar(inner, grad_e_sq_norm))
-    )
+    grad_ok = xp.isfinite(grad_e_sq_norm) if finite is None else finite
+    finite = xp.isfinite(loss_e) & grad_ok & xp.isfinite(as_scalar(inner, grad_e_sq_norm))
     if extra_finite is not None:
         finite = finite & extra_finite
     gamma = polyak_step_size(
-        loss_e, config.f_star, inner, grad_e_sq_norm, config.gamma_b, config.variant
+        loss_e,
+        config.f_star,
+        inner,
+        grad_e_sq_norm,
+        config.gamma_b,
+        config.variant,
+        grad_norm=grad_e_norm,
     )
     gamma = xp.where(finite, gamma, xp.zeros_like(gamma))
     return SAMSPSCoefficients(
@@ -212,17 +288,17 @@ def sam_sps_init(params: Tree) -> SAMSPSState:
     check_tree("params", params)
     xp = namespace(params)
     dev = device(params[0])
-    from ._array import tree_acc_dtype
+    from ._array import count_dtype, tree_acc_dtype
 
     return SAMSPSState(
-        count=xp.asarray(0, dtype=xp.int32, device=dev),
+        count=xp.asarray(0, dtype=count_dtype(xp), device=dev),
         step_size=xp.asarray(0.0, dtype=tree_acc_dtype(params), device=dev),
-        skipped=xp.asarray(0, dtype=xp.int32, device=dev),
+        skipped=xp.asarray(0, dtype=count_dtype(xp), device=dev),
     )
 
 
 def sam_sps(
-    rho: float = 0.1,
+    rho: Any = 0.1,
     lambd: float = 1.0,
     f_star: float = 0.0,
     gamma_b: float = 1.0,
@@ -257,14 +333,16 @@ def sam_sps(
         check_same_shapes("grads", grads, "params", params)
         xp = namespace(grads)
         g2 = tree_sq_norm(grads)
-        scale = sam_perturbation_scale(g2, cfg.rho, cfg.lambd)
-        offset = tree_lincomb([scale], [grads])
-        e = [
-            p + (o if o.dtype == p.dtype else xp.astype(o, p.dtype)) for p, o in zip(params, offset)
-        ]
+        scale = sam_perturbation_scale(
+            g2, cfg.rho, cfg.lambd, grad_norm=tree_norm(grads), count=state.count
+        )
+        # the offset c g in the accumulation dtype (c = rho/||g|| overflows float16),
+        # cast once to the parameter dtype to form e
+        offset = [scale * _to(xp, g, g2.dtype) for g in grads]
+        e = [p + _to(xp, o, p.dtype) for p, o in zip(params, offset)]
         loss_e, grads_e = value_and_grad_fn(e)
         check_same_shapes("grads at the perturbed point", list(grads_e), "params", params)
-        first_ok = xp.isfinite(g2)
+        first_ok = tree_all_finite(grads)
         if value is not None:
             first_ok = first_ok & xp.isfinite(as_scalar(value, g2))
         coeffs = sam_sps_coefficients(
@@ -273,18 +351,22 @@ def sam_sps(
             tree_dot(grads_e, offset),
             cfg,
             extra_finite=first_ok,
+            grad_e_norm=tree_norm(grads_e),
+            finite=tree_all_finite(grads_e),
         )
-        if cfg.weight_decay:
-            upd = tree_lincomb([coeffs.grad, coeffs.params], [grads_e, params])
-        else:
-            upd = tree_lincomb([coeffs.grad], [grads_e])
+        acc = coeffs.grad.dtype
+        upd = []
+        for ge, p in zip(grads_e, params):
+            u = coeffs.grad * _to(xp, ge, acc)
+            if cfg.weight_decay:
+                u = u + coeffs.params * _to(xp, p, acc)
+            upd.append(_to(xp, u, p.dtype))
         zeros = [xp.zeros_like(p) for p in params]
         upd = tree_select(coeffs.finite, upd, zeros)
-        one = xp.ones_like(state.count)
         new_state = SAMSPSState(
-            count=xp.where(coeffs.finite, state.count + one, state.count),
+            count=xp.where(coeffs.finite, saturating_increment(state.count), state.count),
             step_size=xp.astype(coeffs.step_size, state.step_size.dtype),
-            skipped=xp.where(coeffs.finite, state.skipped, state.skipped + one),
+            skipped=xp.where(coeffs.finite, state.skipped, saturating_increment(state.skipped)),
         )
         return upd, new_state
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, device
 
-from ._array import Array, Tree, as_scalar, namespace, tree_size, tree_sq_norm
+from ._array import Array, Tree, as_scalar, namespace, real_dtype, tree_size, tree_sq_norm
 
 __all__ = ["HostDraws", "ball_scale", "uniform_ball"]
 
@@ -72,16 +72,32 @@ class HostDraws:
             return xp.asarray(values.tolist(), dtype=like.dtype, device=device(like))
 
     def normals_like(self, tree: Tree) -> list[Array]:
-        """Standard normal draws shaped like ``tree`` (float64 on the host, then cast)."""
-        return [self._convert(self.rng.standard_normal(tuple(x.shape)), x) for x in tree]
+        """Standard normal draws shaped like ``tree`` (float64 on the host, then cast).
+
+        A complex leaf gets independent :math:`N(0, 1)` real and imaginary parts
+        (real part drawn first).
+        """
+        out = []
+        for x in tree:
+            z = self.rng.standard_normal(tuple(x.shape))
+            if array_namespace(x).isdtype(x.dtype, "complex floating"):
+                z = z + 1j * self.rng.standard_normal(tuple(x.shape))
+            out.append(self._convert(z, x))
+        return out
 
     def uniform_like(self, like: Array) -> Array:
-        """One :math:`U(0, 1)` draw as a 0-d array like ``like``."""
-        return self._convert(np.asarray(self.rng.random()), like)
+        """One :math:`U(0, 1)` draw as a 0-d array of ``like``'s real dtype."""
+        xp = array_namespace(like)
+        dt = real_dtype(xp, like.dtype)
+        v = np.asarray(self.rng.random())
+        try:
+            return xp.asarray(v, dtype=dt, device=device(like))
+        except (TypeError, ValueError):
+            return xp.asarray(float(v), dtype=dt, device=device(like))
 
     def unit_vector_like(self, tree: Tree) -> list[Array]:
         """A uniformly random unit vector shaped like ``tree``."""
         z = self.normals_like(tree)
         xp = array_namespace(*z)
         inv = 1.0 / xp.sqrt(tree_sq_norm(z))
-        return [as_scalar(inv, v) * v for v in z]
+        return [as_scalar(inv, v, real_dtype(xp, v.dtype)) * v for v in z]

@@ -77,15 +77,24 @@ def check_beta(name: str, value: Any) -> float:
     return v
 
 
-def check_int(name: str, value: Any, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+INT_MAX = 2**63 - 1
+"""Largest integer hyperparameter accepted (the range of the int64 counters)."""
+
+
+def check_int(name: str, value: Any, minimum: int = 0, maximum: int = INT_MAX) -> int:
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
             raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"Invalid {name}: {value!r} (must be >= {minimum})")
-    return int(value)
+    if value > maximum:
+        raise ValueError(f"Invalid {name}: {value!r} (must be <= {maximum})")
+    return value
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
