@@ -72,27 +72,14 @@ def _enable_grad() -> Any:
     return contextlib.nullcontext()
 
 
-_INT32_MAX = 2**31 - 1
-_INT64_MAX = 2**63 - 1
+def _int_dtype() -> str:
+    """dtype of the integer state: int64 (as the core's counters, contract C1) except on
+    JAX without ``jax_enable_x64``, where the core's counters are int32 and saturate."""
+    if _BACKEND == "jax":
+        import jax
 
-
-def _check_count(name: str, value: Any) -> int | None:
-    """Counts and budgets: Python ints in ``[0, 2**63 - 1]`` (or ``None``), checked at
-    construction so that a large value never fails at the first step."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if not 0 <= value <= _INT64_MAX:
-        raise ValueError(f"Invalid {name}: {value!r} (must be in [0, 2**63 - 1])")
-    return value
-
-
-def _clamp(value: int | None) -> int | None:
-    """The core's counters are int32 here, so a count or budget of ``2**31 - 2`` or more
-    can never be reached: it is clamped to ``2**31 - 2`` (so that ``t_thres + 1``, where
-    the core saturates its step counter, still fits), meaning "effectively unlimited"."""
-    return None if value is None else min(value, _INT32_MAX - 1)
+        return "int64" if jax.config.jax_enable_x64 else "int32"
+    return "int64"
 
 
 def _rename(exc: Exception, pairs: tuple[tuple[str, str], ...]) -> Exception:
@@ -139,7 +126,13 @@ def _dense(g: Any) -> Any:
 
 
 def _read(v: Any) -> Any:
-    """The backend tensor of a Keras variable (the stateless-scope value on JAX)."""
+    """The backend tensor of a Keras variable (the stateless-scope value on JAX); on
+    TensorFlow a plain ``tf.Tensor`` (never a variable), which the core's namespace
+    lookup recognizes."""
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(v.value if isinstance(v, keras.Variable) else v)
     return ops.convert_to_tensor(v)
 
 
@@ -158,7 +151,8 @@ class _CoreOptimizer(keras.optimizers.Optimizer):
     """Shared plumbing: seed generator, scalar state variables, noise draws."""
 
     _SCALARS: tuple[tuple[str, str], ...] = ()
-    """``(name, kind)`` of the scalar state variables; kind ``"int"`` or ``"float"``."""
+    """``(name, kind)`` of the scalar state variables; kind ``"int"``, ``"float"`` or
+    ``"bool"`` (kept in an integer variable)."""
 
     def __init__(
         self, learning_rate: Any, seed: int | None, name: str | None, **kwargs: Any
@@ -179,17 +173,26 @@ class _CoreOptimizer(keras.optimizers.Optimizer):
 
     def _build_scalars(self, variables: list[Any]) -> None:
         acc = _acc_dtype(variables)
+        idt = _int_dtype()
+        imax = 2**63 - 1 if idt == "int64" else 2**31 - 1
         init = self._initial_scalars()
         for name, kind in self._SCALARS:
+            value = init.get(name, 0)
             self._state[name] = self.add_variable(
                 shape=(),
-                initializer=keras.initializers.Constant(init.get(name, 0)),
-                dtype="int32" if kind == "int" else acc,
+                initializer=keras.initializers.Constant(
+                    min(int(value), imax) if kind != "float" else value
+                ),
+                dtype=acc if kind == "float" else idt,
                 name=name,
             )
 
     def _read_scalars(self) -> dict[str, Any]:
-        return {name: _read(self._state[name]) for name, _ in self._SCALARS}
+        values = {name: _read(self._state[name]) for name, _ in self._SCALARS}
+        for name, kind in self._SCALARS:
+            if kind == "bool":  # stored as an integer (saved files stay numeric)
+                values[name] = ops.cast(values[name], "bool")
+        return values
 
     def _write_scalars(self, values: dict[str, Any]) -> None:
         for name, _ in self._SCALARS:
@@ -286,9 +289,10 @@ class PSD(_CoreOptimizer):
         radius: perturbation radius, ``>= 0`` (default 1e-3).
         episode_length, t_thres, max_episodes, gate, ema_beta, noise,
             step_on_perturb: as in :func:`psd_core.psd`. ``episode_length``,
-            ``t_thres`` and ``max_episodes`` accept ints up to ``2**63 - 1``
-            (checked here); a value above ``2**31 - 1`` means "effectively
-            unlimited" (the step counters are int32).
+            ``t_thres`` and ``max_episodes`` are checked at construction and may be
+            as large as you like; the counters are int64 (int32 on JAX without
+            x64), and a value beyond the counter's range means "effectively
+            unlimited" (contract C1).
         seed: seed of the ``keras.random.SeedGenerator`` that draws the noise.
         name, **kwargs: the usual Keras optimizer arguments (``clipnorm``,
             ``global_clipnorm``, ``clipvalue``, ``weight_decay`` (Keras's decoupled
@@ -304,7 +308,7 @@ class PSD(_CoreOptimizer):
         ("episodes", "int"),
         ("grad_sq_ema", "float"),
         ("skipped", "int"),
-        ("perturbed", "int"),
+        ("perturbed", "bool"),
     )
 
     def __init__(
@@ -329,19 +333,14 @@ class PSD(_CoreOptimizer):
                 "PSD's gate threshold is g_thres (in psd_keras epsilon is Adam's "
                 f"constant); got epsilon={kwargs['epsilon']!r}"
             )
-        counts = {
-            "episode_length": _check_count("episode_length", episode_length),
-            "t_thres": _check_count("t_thres", t_thres),
-            "max_episodes": _check_count("max_episodes", max_episodes),
-        }
         try:
             config = psd_config(
                 learning_rate,
                 g_thres,
                 radius,
-                _clamp(episode_length),
-                t_thres=_clamp(t_thres),
-                max_episodes=_clamp(max_episodes),
+                episode_length,
+                t_thres=t_thres,
+                max_episodes=max_episodes,
                 gate=gate,
                 ema_beta=ema_beta,
                 noise=noise,
@@ -351,8 +350,7 @@ class PSD(_CoreOptimizer):
             raise _rename(exc, (("epsilon", "g_thres"),)) from None
         super().__init__(learning_rate, seed, name, **kwargs)
         self._config = config
-        self._counts = counts
-        self.max_episodes = _clamp(max_episodes)
+        self.max_episodes = max_episodes
 
     def _initial_scalars(self) -> dict[str, Any]:
         # The core's initial state (psd_init), read once on the host at build time,
@@ -407,7 +405,9 @@ class PSD(_CoreOptimizer):
             ema_beta=c.ema_beta,
             noise=c.noise,
             step_on_perturb=c.step_on_perturb,
-            **self._counts,  # as given, before clamping
+            episode_length=c.episode_length,
+            t_thres=c.t_thres,
+            max_episodes=self.max_episodes,
         )
         return config
 
@@ -433,11 +433,15 @@ class PerturbedAdam(_CoreOptimizer):
     Args:
         learning_rate: float, schedule or callable (default 1e-3).
         beta_1, beta_2: Adam's moment decay rates.
-        epsilon: Adam's constant added to the root of the second moment.
+        epsilon: Adam's constant, with Keras's meaning (default 1e-7): the step is
+            :math:`\\hat m / (\\sqrt{\\hat v} + \\epsilon / \\sqrt{1-\\beta_2^t})`,
+            i.e. ``epsilon`` is added to :math:`\\sqrt{v}` as in
+            ``keras.optimizers.Adam`` (the core's ``eps_mode="keras"``), so the same
+            arguments give Keras's Adam step.
         g_thres: a step is "small" when the global norm of the bias-corrected Adam
             step is ``<= g_thres``.
-        t_thres: consecutive small steps before a perturbation (an int up to
-            ``2**63 - 1``; above ``2**31 - 1`` means "never").
+        t_thres: consecutive small steps before a perturbation (any int ``>= 0``;
+            beyond the counter's range means "never").
         radius: noise radius.
         noise: ``"gaussian"`` or ``"ball"``.
         seed: seed of the noise generator.
@@ -450,7 +454,7 @@ class PerturbedAdam(_CoreOptimizer):
         ("small_steps", "int"),
         ("perturbations", "int"),
         ("skipped", "int"),
-        ("perturbed", "int"),
+        ("perturbed", "bool"),
     )
 
     def __init__(
@@ -458,7 +462,7 @@ class PerturbedAdam(_CoreOptimizer):
         learning_rate: Any = 1e-3,
         beta_1: float = 0.9,
         beta_2: float = 0.999,
-        epsilon: float = 1e-8,
+        epsilon: float = 1e-7,
         g_thres: float = 1e-3,
         t_thres: int = 10,
         radius: float = 1e-3,
@@ -470,16 +474,22 @@ class PerturbedAdam(_CoreOptimizer):
     ) -> None:
         if "r" in kwargs:
             raise TypeError(f"PerturbedAdam's noise radius is radius; got r={kwargs['r']!r}")
-        _check_count("t_thres", t_thres)
         try:
             config = perturbed_adam_config(
-                learning_rate, beta_1, beta_2, epsilon, g_thres, _clamp(t_thres), radius, noise
+                learning_rate,
+                beta_1,
+                beta_2,
+                epsilon,
+                g_thres,
+                t_thres,
+                radius,
+                noise,
+                eps_mode="keras",
             )
         except (ValueError, TypeError) as exc:  # name the Keras argument, not the core's
             raise _rename(exc, (("b1", "beta_1"), ("b2", "beta_2"), ("eps", "epsilon"))) from None
         super().__init__(learning_rate, seed, name, **kwargs)
         self._config = config
-        self._t_thres = t_thres
 
     def build(self, variables: Any) -> None:
         if self.built:
@@ -492,7 +502,15 @@ class PerturbedAdam(_CoreOptimizer):
     def _core_step(self, grads: list[Any], variables: list[Any], lr: Any) -> None:
         c = self._config
         tx = psd_core.perturbed_adam(
-            lambda _count: lr, c.b1, c.b2, c.eps, c.g_thres, c.t_thres, c.radius, noise=c.noise
+            lambda _count: lr,
+            c.b1,
+            c.b2,
+            c.eps,
+            c.g_thres,
+            c.t_thres,
+            c.radius,
+            noise=c.noise,
+            eps_mode=c.eps_mode,
         )
         idx = [self._get_variable_index(v) for v in variables]
         mu_vars = [self._mu[i] for i in idx]
@@ -524,7 +542,7 @@ class PerturbedAdam(_CoreOptimizer):
             beta_2=c.b2,
             epsilon=c.eps,
             g_thres=c.g_thres,
-            t_thres=self._t_thres,
+            t_thres=c.t_thres,
             radius=c.radius,
             noise=c.noise,
         )

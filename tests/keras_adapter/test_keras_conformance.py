@@ -141,7 +141,13 @@ def test_perturbed_adam_matches_core_with_same_draws(
     _inject(opt, 7, noise == "ball")
     traj_k = _keras_run(mlp_factory(params), opt, X, Y, STEPS)
     tx = psd_core.perturbed_adam(
-        kw["learning_rate"], g_thres=1e3, t_thres=3, radius=0.05, noise=noise
+        kw["learning_rate"],
+        eps=1e-7,
+        g_thres=1e3,
+        t_thres=3,
+        radius=0.05,
+        noise=noise,
+        eps_mode="keras",
     )
     traj_c, state = _core_run(
         tx, [p.copy() for p in params], numpy_mlp(X, Y), STEPS, 7, noise == "ball"
@@ -190,7 +196,9 @@ def test_psd_and_adam_compiled_fit_match_core(
     traj_k = _keras_run(
         mlp_factory(params), opt, X, Y, 8, run_eagerly=False, jit_compile=jit_compile
     )
-    tx = psd_core.perturbed_adam(0.01, g_thres=1e3, t_thres=3, radius=0.0)
+    tx = psd_core.perturbed_adam(
+        0.01, eps=1e-7, g_thres=1e3, t_thres=3, radius=0.0, eps_mode="keras"
+    )
     traj_c, state = _core_run(
         tx, [p.copy() for p in params], numpy_mlp(X, Y), 8, 0, False, noise=False
     )
