@@ -21,10 +21,13 @@ import tensorflow as tf
 
 __all__ = [
     "abs",
+    "all",
     "asarray",
     "astype",
     "bfloat16",
     "bool",
+    "complex64",
+    "complex128",
     "exp",
     "finfo",
     "float16",
@@ -37,11 +40,15 @@ __all__ = [
     "int64",
     "isdtype",
     "isfinite",
+    "imag",
     "log",
+    "max",
     "maximum",
+    "min",
     "minimum",
     "ones",
     "ones_like",
+    "real",
     "reshape",
     "result_type",
     "sqrt",
@@ -63,6 +70,8 @@ float16 = tf.float16
 bfloat16 = tf.bfloat16
 float32 = tf.float32
 float64 = tf.float64
+complex64 = tf.complex64
+complex128 = tf.complex128
 
 
 def _dt(dtype: Any) -> Any:
@@ -151,6 +160,26 @@ def ones(shape: Any, *, dtype: Any = None, device: Any = None) -> Any:
 
 def reshape(x: Any, /, shape: Any, *, copy: Any = None) -> Any:
     return tf.reshape(x, shape)
+
+
+def all(x: Any, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> Any:  # noqa: A001
+    return tf.reduce_all(tf.cast(x, tf.bool), axis=axis, keepdims=keepdims)
+
+
+def max(x: Any, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> Any:  # noqa: A001
+    return tf.reduce_max(x, axis=axis, keepdims=keepdims)
+
+
+def min(x: Any, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> Any:  # noqa: A001
+    return tf.reduce_min(x, axis=axis, keepdims=keepdims)
+
+
+def real(x: Any, /) -> Any:
+    return tf.math.real(x)
+
+
+def imag(x: Any, /) -> Any:
+    return tf.math.imag(x)
 
 
 def sum(x: Any, /, *, axis: Any = None, dtype: Any = None, keepdims: _builtin_bool = False) -> Any:  # noqa: A001

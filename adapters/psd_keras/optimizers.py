@@ -63,6 +63,35 @@ def _no_grad() -> Any:
     return contextlib.nullcontext()
 
 
+def _enable_grad() -> Any:
+    """SAM's second pass differentiates even when the caller is under ``torch.no_grad``."""
+    if _BACKEND == "torch":
+        import torch
+
+        return torch.enable_grad()
+    return contextlib.nullcontext()
+
+
+def _int_dtype() -> str:
+    """dtype of the integer state: int64 (as the core's counters, contract C1) except on
+    JAX without ``jax_enable_x64``, where the core's counters are int32 and saturate."""
+    if _BACKEND == "jax":
+        import jax
+
+        return "int64" if jax.config.jax_enable_x64 else "int32"
+    return "int64"
+
+
+def _rename(exc: Exception, pairs: tuple[tuple[str, str], ...]) -> Exception:
+    """The core's error with its argument names replaced by the Keras ones."""
+    msg = str(exc)
+    for core_name, keras_name in pairs:
+        msg = msg.replace(f"Invalid {core_name}:", f"Invalid {keras_name}:").replace(
+            f"{core_name} must", f"{keras_name} must"
+        )
+    return type(exc)(msg)
+
+
 def _keras_lr(learning_rate: Any) -> Any:
     """Keras insists on a Python float (or a schedule / callable)."""
     if isinstance(learning_rate, bool):
@@ -72,14 +101,38 @@ def _keras_lr(learning_rate: Any) -> Any:
     return learning_rate
 
 
+def _dtype(x: Any) -> str:
+    """Keras's name of a dtype (``"float32"``, ...) for Keras variables, raw
+    ``tf.Variable``s and backend tensors alike."""
+    return keras.backend.standardize_dtype(x.dtype)
+
+
 def _acc_dtype(variables: list[Any]) -> str:
     """dtype of the scalar float state: float64 if any variable is float64, else float32
     (float16/bfloat16 parameters accumulate in float32, as the core's reductions do)."""
-    return "float64" if any(str(v.dtype) == "float64" for v in variables) else "float32"
+    return "float64" if any(_dtype(v) == "float64" for v in variables) else "float32"
+
+
+def _dense(g: Any) -> Any:
+    """A backend tensor for a gradient. A TensorFlow ``IndexedSlices`` (the gradient of an
+    ``Embedding`` / ``gather``) becomes its dense tensor with duplicate indices summed,
+    which is what Keras's own scatter updates of the same slices add up to."""
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        if isinstance(g, tf.IndexedSlices):
+            return tf.convert_to_tensor(g)
+    return ops.convert_to_tensor(g)
 
 
 def _read(v: Any) -> Any:
-    """The backend tensor of a Keras variable (the stateless-scope value on JAX)."""
+    """The backend tensor of a Keras variable (the stateless-scope value on JAX); on
+    TensorFlow a plain ``tf.Tensor`` (never a variable), which the core's namespace
+    lookup recognizes."""
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(v.value if isinstance(v, keras.Variable) else v)
     return ops.convert_to_tensor(v)
 
 
@@ -90,7 +143,7 @@ def _snapshot(v: Any) -> Any:
     if _BACKEND == "tensorflow":
         import tensorflow as tf
 
-        return tf.identity(v.value)
+        return tf.identity(_read(v))  # a raw tf.Variable has no ``.value`` property
     return v.value
 
 
@@ -98,7 +151,8 @@ class _CoreOptimizer(keras.optimizers.Optimizer):
     """Shared plumbing: seed generator, scalar state variables, noise draws."""
 
     _SCALARS: tuple[tuple[str, str], ...] = ()
-    """``(name, kind)`` of the scalar state variables; kind ``"int"`` or ``"float"``."""
+    """``(name, kind)`` of the scalar state variables; kind ``"int"``, ``"float"`` or
+    ``"bool"`` (kept in an integer variable)."""
 
     def __init__(
         self, learning_rate: Any, seed: int | None, name: str | None, **kwargs: Any
@@ -119,17 +173,26 @@ class _CoreOptimizer(keras.optimizers.Optimizer):
 
     def _build_scalars(self, variables: list[Any]) -> None:
         acc = _acc_dtype(variables)
+        idt = _int_dtype()
+        imax = 2**63 - 1 if idt == "int64" else 2**31 - 1
         init = self._initial_scalars()
         for name, kind in self._SCALARS:
+            value = init.get(name, 0)
             self._state[name] = self.add_variable(
                 shape=(),
-                initializer=keras.initializers.Constant(init.get(name, 0)),
-                dtype="int32" if kind == "int" else acc,
+                initializer=keras.initializers.Constant(
+                    min(int(value), imax) if kind != "float" else value
+                ),
+                dtype=acc if kind == "float" else idt,
                 name=name,
             )
 
     def _read_scalars(self) -> dict[str, Any]:
-        return {name: _read(self._state[name]) for name, _ in self._SCALARS}
+        values = {name: _read(self._state[name]) for name, _ in self._SCALARS}
+        for name, kind in self._SCALARS:
+            if kind == "bool":  # stored as an integer (saved files stay numeric)
+                values[name] = ops.cast(values[name], "bool")
+        return values
 
     def _write_scalars(self, values: dict[str, Any]) -> None:
         for name, _ in self._SCALARS:
@@ -152,7 +215,7 @@ class _CoreOptimizer(keras.optimizers.Optimizer):
             return self._noise_fn(variables)
         normals = []
         for v in variables:
-            dt = str(v.dtype)
+            dt = _dtype(v)
             draw_dt = dt if dt in ("float32", "float64") else "float32"
             z = keras.random.normal(tuple(v.shape), dtype=draw_dt, seed=self._seed_generator)
             normals.append(z if draw_dt == dt else ops.cast(z, dt))
@@ -183,9 +246,9 @@ class _CoreOptimizer(keras.optimizers.Optimizer):
     ) -> None:
         variables = list(trainable_variables)
         with _no_grad():
-            grads = [ops.convert_to_tensor(g) for g in grads]
+            grads = [_dense(g) for g in grads]
             grads = [
-                g if str(g.dtype) == str(v.dtype) else ops.cast(g, v.dtype)
+                g if _dtype(g) == _dtype(v) else ops.cast(g, _dtype(v))
                 for g, v in zip(grads, variables)
             ]
             lr = ops.convert_to_tensor(learning_rate)
@@ -205,21 +268,37 @@ class PSD(_CoreOptimizer):
     """Perturbed saddle-escape descent (PSD) as a Keras 3 optimizer.
 
     Gradient descent with step ``learning_rate`` that, when the global gradient
-    norm is at most ``epsilon`` (and no escape episode runs, and more than
+    norm is at most ``g_thres`` (and no escape episode runs, and more than
     ``t_thres`` steps passed since the last perturbation), adds a perturbation of
     radius ``radius`` and runs ``episode_length`` plain gradient steps. The math is
-    :func:`psd_core.psd`; see :func:`psd_core.perturbation.psd_config` for every
+    :func:`psd_core.psd`, whose gate threshold is the paper's :math:`\\varepsilon`
+    (``epsilon``); see :func:`psd_core.perturbation.psd_config` for every
     hyperparameter (they are validated there: bad values raise ``ValueError``).
+
+    In ``psd_keras`` ``epsilon`` always means Adam's constant (Keras's convention,
+    see :class:`PerturbedAdam`), so PSD calls its gate threshold ``g_thres``, as
+    psd-optimizer's ``PSDTorch`` / ``PSDTensorFlow`` do. Defaults follow
+    ``keras.optimizers.SGD`` (``learning_rate=0.01``) and psd-optimizer
+    (``g_thres = radius = 1e-3``).
 
     Args:
         learning_rate: float, ``keras.optimizers.schedules.LearningRateSchedule``
-            or callable.
-        epsilon, radius, episode_length, t_thres, max_episodes, gate, ema_beta,
-        noise, step_on_perturb: as in :func:`psd_core.psd`.
+            or callable (default 0.01).
+        g_thres: gate threshold on the global gradient norm (the core's
+            ``epsilon``), ``>= 0`` (default 1e-3).
+        radius: perturbation radius, ``>= 0`` (default 1e-3).
+        episode_length, t_thres, max_episodes, gate, ema_beta, noise,
+            step_on_perturb: as in :func:`psd_core.psd`. ``episode_length``,
+            ``t_thres`` and ``max_episodes`` are checked at construction and may be
+            as large as you like; the counters are int64 (int32 on JAX without
+            x64), and a value beyond the counter's range means "effectively
+            unlimited" (contract C1).
         seed: seed of the ``keras.random.SeedGenerator`` that draws the noise.
         name, **kwargs: the usual Keras optimizer arguments (``clipnorm``,
-            ``global_clipnorm``, ``weight_decay`` (Keras's decoupled decay),
-            ``use_ema``, ...).
+            ``global_clipnorm``, ``clipvalue``, ``weight_decay`` (Keras's decoupled
+            decay), ``use_ema``, ``loss_scale_factor``,
+            ``gradient_accumulation_steps``, ...), applied by Keras's
+            ``Optimizer.apply`` as for ``keras.optimizers.SGD``.
     """
 
     _SCALARS = (
@@ -229,14 +308,14 @@ class PSD(_CoreOptimizer):
         ("episodes", "int"),
         ("grad_sq_ema", "float"),
         ("skipped", "int"),
-        ("perturbed", "int"),
+        ("perturbed", "bool"),
     )
 
     def __init__(
         self,
-        learning_rate: Any,
-        epsilon: float,
-        radius: float,
+        learning_rate: Any = 0.01,
+        g_thres: float = 1e-3,
+        radius: float = 1e-3,
         episode_length: int = 0,
         *,
         t_thres: int = 0,
@@ -249,18 +328,26 @@ class PSD(_CoreOptimizer):
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
-        config = psd_config(
-            learning_rate,
-            epsilon,
-            radius,
-            episode_length,
-            t_thres=t_thres,
-            max_episodes=max_episodes,
-            gate=gate,
-            ema_beta=ema_beta,
-            noise=noise,
-            step_on_perturb=step_on_perturb,
-        )
+        if "epsilon" in kwargs:
+            raise TypeError(
+                "PSD's gate threshold is g_thres (in psd_keras epsilon is Adam's "
+                f"constant); got epsilon={kwargs['epsilon']!r}"
+            )
+        try:
+            config = psd_config(
+                learning_rate,
+                g_thres,
+                radius,
+                episode_length,
+                t_thres=t_thres,
+                max_episodes=max_episodes,
+                gate=gate,
+                ema_beta=ema_beta,
+                noise=noise,
+                step_on_perturb=step_on_perturb,
+            )
+        except (ValueError, TypeError) as exc:  # name the Keras argument, not the core's
+            raise _rename(exc, (("epsilon", "g_thres"),)) from None
         super().__init__(learning_rate, seed, name, **kwargs)
         self._config = config
         self.max_episodes = max_episodes
@@ -312,28 +399,54 @@ class PSD(_CoreOptimizer):
         config = super().get_config()
         c = self._config
         config.update(
-            epsilon=c.epsilon,
+            g_thres=c.epsilon,
             radius=c.radius,
-            episode_length=c.episode_length,
-            t_thres=c.t_thres,
-            max_episodes=self.max_episodes,
             gate=c.gate,
             ema_beta=c.ema_beta,
             noise=c.noise,
             step_on_perturb=c.step_on_perturb,
+            episode_length=c.episode_length,
+            t_thres=c.t_thres,
+            max_episodes=self.max_episodes,
         )
         return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> PSD:
+        config = dict(config)
+        if "epsilon" in config and "g_thres" not in config:  # saved before the rename
+            config["g_thres"] = config.pop("epsilon")
+        return super().from_config(config, custom_objects=custom_objects)
 
 
 @keras.saving.register_keras_serializable(package="psd_keras")
 class PerturbedAdam(_CoreOptimizer):
-    """Adam that adds noise of radius ``r`` after ``t_thres`` consecutive small steps.
+    """Adam that adds noise of radius ``radius`` after ``t_thres`` consecutive small steps.
 
     The math is :func:`psd_core.perturbed_adam` (psd-optimizer's ``PerturbedAdam``
     with the gate on the *global* norm of the bias-corrected Adam step; on a
     perturbation the update is the noise and both moments are reset). Argument
-    names follow ``keras.optimizers.Adam``: ``beta_1``, ``beta_2``, ``epsilon``;
-    ``g_thres``, ``t_thres``, ``r`` follow psd-optimizer.
+    names follow ``keras.optimizers.Adam`` (``beta_1``, ``beta_2``, ``epsilon``);
+    ``g_thres`` and ``t_thres`` follow psd-optimizer, ``radius`` the rest of this
+    project.
+
+    Args:
+        learning_rate: float, schedule or callable (default 1e-3).
+        beta_1, beta_2: Adam's moment decay rates.
+        epsilon: Adam's constant, with Keras's meaning (default 1e-7): the step is
+            :math:`\\hat m / (\\sqrt{\\hat v} + \\epsilon / \\sqrt{1-\\beta_2^t})`,
+            i.e. ``epsilon`` is added to :math:`\\sqrt{v}` as in
+            ``keras.optimizers.Adam`` (the core's ``eps_mode="keras"``), so the same
+            arguments give Keras's Adam step.
+        g_thres: a step is "small" when the global norm of the bias-corrected Adam
+            step is ``<= g_thres``.
+        t_thres: consecutive small steps before a perturbation (any int ``>= 0``;
+            beyond the counter's range means "never").
+        radius: noise radius.
+        noise: ``"gaussian"`` or ``"ball"``.
+        seed: seed of the noise generator.
+        name, **kwargs: the usual Keras optimizer arguments, applied by Keras's
+            ``Optimizer.apply`` as for ``keras.optimizers.Adam``.
     """
 
     _SCALARS = (
@@ -341,7 +454,7 @@ class PerturbedAdam(_CoreOptimizer):
         ("small_steps", "int"),
         ("perturbations", "int"),
         ("skipped", "int"),
-        ("perturbed", "int"),
+        ("perturbed", "bool"),
     )
 
     def __init__(
@@ -349,32 +462,32 @@ class PerturbedAdam(_CoreOptimizer):
         learning_rate: Any = 1e-3,
         beta_1: float = 0.9,
         beta_2: float = 0.999,
-        epsilon: float = 1e-8,
+        epsilon: float = 1e-7,
         g_thres: float = 1e-3,
         t_thres: int = 10,
-        r: float = 1e-3,
+        radius: float = 1e-3,
         *,
         noise: str = "gaussian",
         seed: int | None = None,
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
+        if "r" in kwargs:
+            raise TypeError(f"PerturbedAdam's noise radius is radius; got r={kwargs['r']!r}")
         try:
             config = perturbed_adam_config(
-                learning_rate, beta_1, beta_2, epsilon, g_thres, t_thres, r, noise
+                learning_rate,
+                beta_1,
+                beta_2,
+                epsilon,
+                g_thres,
+                t_thres,
+                radius,
+                noise,
+                eps_mode="keras",
             )
         except (ValueError, TypeError) as exc:  # name the Keras argument, not the core's
-            msg = str(exc)
-            for core_name, keras_name in (
-                ("b1", "beta_1"),
-                ("b2", "beta_2"),
-                ("eps", "epsilon"),
-                ("radius", "r"),
-            ):
-                msg = msg.replace(f"Invalid {core_name}:", f"Invalid {keras_name}:").replace(
-                    f"{core_name} must", f"{keras_name} must"
-                )
-            raise type(exc)(msg) from None
+            raise _rename(exc, (("b1", "beta_1"), ("b2", "beta_2"), ("eps", "epsilon"))) from None
         super().__init__(learning_rate, seed, name, **kwargs)
         self._config = config
 
@@ -389,7 +502,15 @@ class PerturbedAdam(_CoreOptimizer):
     def _core_step(self, grads: list[Any], variables: list[Any], lr: Any) -> None:
         c = self._config
         tx = psd_core.perturbed_adam(
-            lambda _count: lr, c.b1, c.b2, c.eps, c.g_thres, c.t_thres, c.radius, noise=c.noise
+            lambda _count: lr,
+            c.b1,
+            c.b2,
+            c.eps,
+            c.g_thres,
+            c.t_thres,
+            c.radius,
+            noise=c.noise,
+            eps_mode=c.eps_mode,
         )
         idx = [self._get_variable_index(v) for v in variables]
         mu_vars = [self._mu[i] for i in idx]
@@ -422,10 +543,17 @@ class PerturbedAdam(_CoreOptimizer):
             epsilon=c.eps,
             g_thres=c.g_thres,
             t_thres=c.t_thres,
-            r=c.radius,
+            radius=c.radius,
             noise=c.noise,
         )
         return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> PerturbedAdam:
+        config = dict(config)
+        if "r" in config and "radius" not in config:  # saved before the rename
+            config["radius"] = config.pop("r")
+        return super().from_config(config, custom_objects=custom_objects)
 
 
 @keras.saving.register_keras_serializable(package="psd_keras")
@@ -439,10 +567,30 @@ class SAM_SPS(_CoreOptimizer):  # noqa: N801 - the method's name
     :meth:`sam_apply` (:meth:`stateless_sam_apply` on JAX) in a custom loop. The
     math is :func:`psd_core.sam_sps`; see :func:`psd_core.polyak.sam_sps_config`.
 
-    There is no learning rate: the step is the Polyak step size, capped at
-    ``gamma_b``. ``weight_decay`` is SAM-SPS's L2 term ``-gamma * w * x`` (not Keras's
-    decoupled decay). The Keras ``learning_rate`` variable exists (Keras requires
-    it) but is unused.
+    A step runs through Keras's own ``Optimizer.apply``, so the standard options
+    work as for a built-in optimizer, read as follows for a two-pass step:
+
+    * ``loss_scale_factor``: both gradients (at ``x`` and at the perturbed point
+      ``e``) are gradients of the scaled loss and are divided by the factor; the
+      losses the Polyak step uses are unscaled.
+    * ``clipnorm`` / ``global_clipnorm`` / ``clipvalue``: *both* gradients are
+      clipped, the one at ``x`` (it sets the perturbation ``e``) and the one at
+      ``e`` (the descent direction and the Polyak denominator).
+    * ``use_ema`` / ``ema_momentum`` / ``ema_overwrite_frequency``: as for any
+      Keras optimizer (an average of the weights after each step).
+    * ``gradient_accumulation_steps`` raises ``ValueError``: the second pass
+      evaluates one mini-batch at ``e``, so a perturbation averaged over several
+      batches would be paired with the loss of one.
+    * ``learning_rate`` and ``seed`` raise ``ValueError``: the step size is the
+      Polyak step, capped at ``gamma_b``, and nothing is random. (Keras's
+      ``learning_rate`` variable exists, as Keras requires, and is unused.)
+    * ``weight_decay`` (default 0.0) is SAM-SPS's L2 term of the final step
+      ``x - gamma (g_e + weight_decay * x)``, not Keras's decoupled decay.
+
+    Args:
+        rho, lambd, f_star, gamma_b, weight_decay, variant: as in
+            :func:`psd_core.sam_sps`.
+        name, **kwargs: the usual Keras optimizer arguments (see above).
     """
 
     _SCALARS = (("count", "int"), ("step_size", "float"), ("skipped", "int"))
@@ -460,10 +608,22 @@ class SAM_SPS(_CoreOptimizer):  # noqa: N801 - the method's name
         **kwargs: Any,
     ) -> None:
         config = sam_sps_config(rho, lambd, f_star, gamma_b, weight_decay, variant)
-        kwargs.pop("learning_rate", None)  # present in configs; unused
-        kwargs.pop("seed", None)
+        for arg, why in (
+            ("learning_rate", "the step size is the Polyak step, capped by gamma_b"),
+            ("seed", "SAM-SPS draws no random numbers"),
+        ):
+            if arg in kwargs:
+                raise ValueError(f"SAM_SPS takes no {arg} ({why}); got {arg}={kwargs[arg]!r}")
+        steps = kwargs.get("gradient_accumulation_steps")
+        if steps:
+            raise ValueError(
+                "SAM_SPS does not support gradient_accumulation_steps (its second pass "
+                "evaluates one mini-batch at the perturbed point); got "
+                f"gradient_accumulation_steps={steps!r}"
+            )
         super().__init__(1.0, None, name, **kwargs)
         self._config = config
+        self._sam_pass: tuple[Callable[..., Any], Any] | None = None
 
     def build(self, variables: Any) -> None:
         if self.built:
@@ -472,17 +632,14 @@ class SAM_SPS(_CoreOptimizer):  # noqa: N801 - the method's name
         self._build_scalars(list(variables))
 
     def apply(self, grads: Any, trainable_variables: Any = None) -> None:
-        raise TypeError(
-            "SAM_SPS needs the loss and the gradient at the perturbed point: train a "
-            "psd_keras.SAMModel / SAMSequential (or a model with the SAMTrainStep mixin) "
-            "with fit(), or call optimizer.sam_apply(grads, variables, "
-            "value_and_grad_fn=..., loss=...) in a custom loop"
-        )
-
-    def _core_step(
-        self, grads: list[Any], variables: list[Any], lr: Any
-    ) -> None:  # pragma: no cover
-        raise TypeError("SAM_SPS steps through sam_apply")
+        if self._sam_pass is None:
+            raise TypeError(
+                "SAM_SPS needs the loss and the gradient at the perturbed point: train a "
+                "psd_keras.SAMModel / SAMSequential (or a model with the SAMTrainStep mixin) "
+                "with fit(), or call optimizer.sam_apply(grads, variables, "
+                "value_and_grad_fn=..., loss=...) in a custom loop"
+            )
+        return super().apply(grads, trainable_variables)
 
     def sam_apply(
         self,
@@ -492,41 +649,64 @@ class SAM_SPS(_CoreOptimizer):  # noqa: N801 - the method's name
         value_and_grad_fn: Callable[[list[Any]], tuple[Any, list[Any]]],
         loss: Any = None,
     ) -> None:
-        """One SAM-SPS step on ``trainable_variables`` (Keras variables).
+        """One SAM-SPS step on ``trainable_variables`` (Keras variables), through
+        Keras's ``Optimizer.apply`` (loss-scale unscaling, clipping, EMA,
+        constraints, the ``iterations`` counter).
 
         Args:
-            grads: gradients of the mini-batch loss at the current point ``x``.
+            grads: gradients of the mini-batch loss at the current point ``x`` (of
+                ``optimizer.scale_loss(loss)`` when ``loss_scale_factor`` is set, as
+                for ``Optimizer.apply``). ``None`` entries count as zeros.
             trainable_variables: the variables (builds the optimizer on first use).
             value_and_grad_fn: ``fn(e) -> (loss_e, grads_e)`` evaluating the *same*
-                mini-batch loss and its gradient at the perturbed point ``e`` (a list
-                of backend tensors). It may assign ``e`` into the variables (TF,
-                PyTorch); the variables are set to ``x + update`` afterwards.
-            loss: the loss at ``x`` (only used by the non-finite check).
+                mini-batch loss (unscaled) and its gradient (of the scaled loss, like
+                ``grads``) at the perturbed point ``e`` (a list of backend tensors).
+                It may assign ``e`` into the variables (TF, PyTorch); the variables
+                are set to ``x + update`` afterwards.
+            loss: the unscaled loss at ``x`` (only used by the non-finite check).
         """
         variables = list(trainable_variables)
-        if not self.built:
-            with keras.name_scope(self.name, caller=self):
-                self.build(variables)
-        with keras.name_scope(self.name, caller=self):
-            grads = [ops.convert_to_tensor(g) for g in grads]
-            params = [_snapshot(v) for v in variables]
-            c = self._config
-            tx = psd_core.sam_sps(
-                c.rho, c.lambd, c.f_star, c.gamma_b, c.weight_decay, variant=c.variant
-            )
-            state = SAMSPSState(**self._read_scalars())
-            updates, new_state = tx.update(
-                grads,
-                state,
-                params,
-                value_and_grad_fn=value_and_grad_fn,
-                value=None if loss is None else ops.convert_to_tensor(loss),
-            )
-            with _no_grad():
-                for v, x_new in zip(variables, psd_core.apply_updates(params, updates)):
-                    self.assign(v, x_new)
-                self._write_scalars(new_state._asdict())
-        self._iterations.assign_add(1)
+        grads = [ops.zeros_like(_read(v)) if g is None else g for g, v in zip(grads, variables)]
+        self._sam_pass = (value_and_grad_fn, loss)
+        try:
+            self.apply(grads, variables)
+        finally:
+            self._sam_pass = None
+
+    def _backend_update_step(
+        self, grads: Any, trainable_variables: Any, learning_rate: Any
+    ) -> None:
+        # Called by Optimizer.apply with the unscaled, clipped gradients at x.
+        value_and_grad_fn, loss = self._sam_pass  # type: ignore[misc]
+        variables = list(trainable_variables)
+        grads = [_dense(g) for g in grads]
+        params = [_snapshot(v) for v in variables]
+        scale = self.loss_scale_factor
+
+        def second_pass(e: list[Any]) -> tuple[Any, list[Any]]:
+            with _enable_grad():
+                loss_e, grads_e = value_and_grad_fn(e)
+            grads_e = [_dense(g) for g in grads_e]
+            if scale is not None:
+                grads_e = [g / scale for g in grads_e]
+            return loss_e, self._clip_gradients(grads_e)
+
+        c = self._config
+        tx = psd_core.sam_sps(
+            c.rho, c.lambd, c.f_star, c.gamma_b, c.weight_decay, variant=c.variant
+        )
+        state = SAMSPSState(**self._read_scalars())
+        updates, new_state = tx.update(
+            grads,
+            state,
+            params,
+            value_and_grad_fn=second_pass,
+            value=None if loss is None else ops.convert_to_tensor(loss),
+        )
+        with _no_grad():
+            for v, x_new in zip(variables, psd_core.apply_updates(params, updates)):
+                self.assign(v, x_new)
+            self._write_scalars(new_state._asdict())
 
     def stateless_sam_apply(
         self,
@@ -562,6 +742,7 @@ class SAM_SPS(_CoreOptimizer):  # noqa: N801 - the method's name
         config = super().get_config()
         c = self._config
         config.pop("seed", None)
+        config.pop("learning_rate", None)
         config.update(
             rho=c.rho,
             lambd=c.lambd,
@@ -571,3 +752,14 @@ class SAM_SPS(_CoreOptimizer):  # noqa: N801 - the method's name
             variant=c.variant,
         )
         return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> SAM_SPS:
+        config = dict(config)
+        # Files saved before SAM_SPS rejected learning_rate/seed hold the unused
+        # placeholders learning_rate=1.0 and seed=None; any other value is refused.
+        if config.get("learning_rate", 0) == 1.0:
+            config.pop("learning_rate")
+        if "seed" in config and config["seed"] is None:
+            config.pop("seed")
+        return cls(**config)

@@ -12,6 +12,10 @@ optimizer :class:`psd_keras.SAM_SPS` does the math (through the core's
 * JAX: a second ``jax.value_and_grad`` of the stateless loss at ``e``;
 * PyTorch: a second forward/``backward`` with ``e`` copied into the parameters.
 
+Both passes differentiate ``optimizer.scale_loss(loss)`` (the loss times
+``loss_scale_factor``, as Keras's own ``train_step`` does); the optimizer unscales
+and clips both gradients inside Keras's ``Optimizer.apply``.
+
 Non-trainable state (BatchNorm moving statistics, dropout seed generators) is
 advanced by the *first* pass only: the second pass starts from the pre-step
 non-trainable values (so it sees the same dropout mask, i.e. the same ``f_S``) and
@@ -83,11 +87,12 @@ class SAMTrainStep:
             ntv0 = [tf.identity(v.value) for v in ntv]
             with tf.GradientTape() as tape:
                 y_pred, loss = self._sam_forward_loss(x, y, sample_weight)
+                scaled = opt.scale_loss(loss)
             self._loss_tracker.update_state(
                 loss, sample_weight=tf.shape(keras.tree.flatten(x)[0])[0]
             )
             tw = list(self.trainable_weights)
-            grads = tape.gradient(loss, tw)
+            grads = tape.gradient(scaled, tw)
 
             def value_and_grad_fn(e: list[Any]) -> tuple[Any, list[Any]]:
                 ntv1 = [tf.identity(v.value) for v in ntv]
@@ -97,7 +102,8 @@ class SAMTrainStep:
                     v.assign(val)
                 with tf.GradientTape() as tape2:
                     _, loss_e = self._sam_forward_loss(x, y, sample_weight)
-                grads_e = tape2.gradient(loss_e, tw)
+                    scaled_e = opt.scale_loss(loss_e)
+                grads_e = tape2.gradient(scaled_e, tw)
                 grads_e = [tf.zeros_like(v.value) if g is None else g for g, v in zip(grads_e, tw)]
                 for v, val in zip(ntv, ntv1):
                     v.assign(val)
@@ -120,7 +126,7 @@ class SAMTrainStep:
 
             def grads_of(loss: Any) -> list[Any]:
                 self.zero_grad()
-                loss.backward()
+                opt.scale_loss(loss).backward()
                 return [
                     torch.zeros_like(v.value)
                     if v.value.grad is None

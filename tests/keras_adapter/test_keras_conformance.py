@@ -111,7 +111,8 @@ def test_psd_matches_core_with_same_draws(
     X, _, Y = digits3
     params = init_params()
     ball = kwargs.get("noise", "ball") == "ball"
-    opt = psd_keras.PSD(**kwargs, seed=0)
+    keras_kw = {("g_thres" if k == "epsilon" else k): v for k, v in kwargs.items()}
+    opt = psd_keras.PSD(**keras_kw, seed=0)
     _inject(opt, 123, ball)
     traj_k = _keras_run(mlp_factory(params), opt, X, Y, STEPS)
     tx = psd_core.psd(**kwargs)
@@ -135,12 +136,18 @@ def test_perturbed_adam_matches_core_with_same_draws(
     params = init_params()
     kw = dict(learning_rate=0.01, g_thres=1e3, t_thres=3, noise=noise)
     opt = psd_keras.PerturbedAdam(
-        kw["learning_rate"], g_thres=1e3, t_thres=3, r=0.05, noise=noise, seed=0
+        kw["learning_rate"], g_thres=1e3, t_thres=3, radius=0.05, noise=noise, seed=0
     )
     _inject(opt, 7, noise == "ball")
     traj_k = _keras_run(mlp_factory(params), opt, X, Y, STEPS)
     tx = psd_core.perturbed_adam(
-        kw["learning_rate"], g_thres=1e3, t_thres=3, radius=0.05, noise=noise
+        kw["learning_rate"],
+        eps=1e-7,
+        g_thres=1e3,
+        t_thres=3,
+        radius=0.05,
+        noise=noise,
+        eps_mode="keras",
     )
     traj_c, state = _core_run(
         tx, [p.copy() for p in params], numpy_mlp(X, Y), STEPS, 7, noise == "ball"
@@ -185,11 +192,13 @@ def test_psd_and_adam_compiled_fit_match_core(
     assert int(_np(opt.psd_state.episodes)) == int(state.episodes) == 3
 
     keras.backend.clear_session()
-    opt = psd_keras.PerturbedAdam(0.01, g_thres=1e3, t_thres=3, r=0.0, seed=0)
+    opt = psd_keras.PerturbedAdam(0.01, g_thres=1e3, t_thres=3, radius=0.0, seed=0)
     traj_k = _keras_run(
         mlp_factory(params), opt, X, Y, 8, run_eagerly=False, jit_compile=jit_compile
     )
-    tx = psd_core.perturbed_adam(0.01, g_thres=1e3, t_thres=3, radius=0.0)
+    tx = psd_core.perturbed_adam(
+        0.01, eps=1e-7, g_thres=1e3, t_thres=3, radius=0.0, eps_mode="keras"
+    )
     traj_c, state = _core_run(
         tx, [p.copy() for p in params], numpy_mlp(X, Y), 8, 0, False, noise=False
     )

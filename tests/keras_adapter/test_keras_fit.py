@@ -31,9 +31,9 @@ def _model(cls=keras.Sequential, batchnorm=False, dropout=False):
 
 def _optimizers():
     return {
-        "PSD": lambda: psd_keras.PSD(0.1, epsilon=0.05, radius=0.01, episode_length=5, seed=1),
+        "PSD": lambda: psd_keras.PSD(0.1, g_thres=0.05, radius=0.01, episode_length=5, seed=1),
         "PerturbedAdam": lambda: psd_keras.PerturbedAdam(
-            0.01, g_thres=0.05, t_thres=5, r=1e-3, seed=1
+            0.01, g_thres=0.05, t_thres=5, radius=1e-3, seed=1
         ),
         "SAM_SPS": lambda: psd_keras.SAM_SPS(rho=0.05, gamma_b=1.0),
     }
@@ -115,7 +115,7 @@ def test_low_precision_norm_accumulates_in_float32(dtype):
     Reduced in float32 (the core's rule) the step is finite and is taken, not skipped."""
     v = keras.Variable(np.zeros(1000), dtype=dtype)
     g = keras.ops.full((1000,), 300.0, dtype=dtype)
-    opt = psd_keras.PSD(1e-3, epsilon=0.0, radius=0.0, seed=0)
+    opt = psd_keras.PSD(1e-3, g_thres=0.0, radius=0.0, seed=0)
     opt.apply([g], [v])
     assert int(_np(opt.psd_state.skipped)) == 0
     assert int(_np(opt.psd_state.count)) == 1
@@ -173,7 +173,7 @@ def test_jax_stateless_apply_in_jit(digits10):
 
     X, y = digits10
     model = _model()
-    opt = psd_keras.PerturbedAdam(0.01, g_thres=1e3, t_thres=3, r=0.01, seed=3)
+    opt = psd_keras.PerturbedAdam(0.01, g_thres=1e3, t_thres=3, radius=0.01, seed=3)
     opt.build(model.trainable_variables)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     ntv = [v.value for v in model.non_trainable_variables]

@@ -46,7 +46,7 @@ def test_psd_escapes_strict_saddle_sgd_does_not(regression):
     h_sgd = sgd_model.fit(X, Y, **fit).history["loss"]
 
     psd_model = _deep_linear(X)
-    opt = psd_keras.PSD(0.1, epsilon=1e-3, radius=0.5, episode_length=20, seed=0)
+    opt = psd_keras.PSD(0.1, g_thres=1e-3, radius=0.5, episode_length=20, seed=0)
     psd_model.compile(optimizer=opt, loss="mse")
     h_psd = psd_model.fit(X, Y, **fit).history["loss"]
 
@@ -61,7 +61,7 @@ def test_non_finite_gradient_is_skipped(name):
     v = keras.Variable(np.ones((3, 2), np.float32))
     w = keras.Variable(np.ones(2, np.float32))
     opt = (
-        psd_keras.PSD(0.1, epsilon=1.0, radius=0.1, seed=0)
+        psd_keras.PSD(0.1, g_thres=1.0, radius=0.1, seed=0)
         if name == "PSD"
         else psd_keras.PerturbedAdam(0.1, seed=0)
     )
@@ -75,7 +75,8 @@ def test_non_finite_gradient_is_skipped(name):
     for x, b in zip((v, w), before):
         np.testing.assert_array_equal(_np(x.value), b)
     for k, s in opt._state.items():
-        expect = state_before[k] + (1 if k == "skipped" else 0)
+        # contract C6: PSD's count advances on every call (schedules see every step)
+        expect = state_before[k] + (1 if k == "skipped" or (name == "PSD" and k == "count") else 0)
         if k == "perturbed":
             continue
         np.testing.assert_array_equal(_np(s.value), expect, err_msg=k)
@@ -118,18 +119,18 @@ def test_sam_model_requires_sam_optimizer(digits3):
 
 BAD = [
     (lambda: psd_keras.PSD(-0.1, 1e-3, 0.1), "learning_rate"),
-    (lambda: psd_keras.PSD(0.1, -1e-3, 0.1), "epsilon"),
+    (lambda: psd_keras.PSD(0.1, -1e-3, 0.1), "g_thres"),
     (lambda: psd_keras.PSD(0.1, 1e-3, -0.1), "radius"),
     (lambda: psd_keras.PSD(0.1, 1e-3, 0.1, -1), "episode_length"),
     (lambda: psd_keras.PSD(0.1, 1e-3, 0.1, t_thres=-2), "t_thres"),
     (lambda: psd_keras.PSD(0.1, 1e-3, 0.1, gate="hessian"), "gate"),
     (lambda: psd_keras.PSD(0.1, 1e-3, 0.1, noise="cauchy"), "noise"),
     (lambda: psd_keras.PSD(0.1, 1e-3, 0.1, ema_beta=1.5), "ema_beta"),
-    (lambda: psd_keras.PSD(0.1, float("nan"), 0.1), "epsilon"),
+    (lambda: psd_keras.PSD(0.1, float("nan"), 0.1), "g_thres"),
     (lambda: psd_keras.PerturbedAdam(beta_1=1.0), "beta_1"),
     (lambda: psd_keras.PerturbedAdam(beta_2=-0.1), "beta_2"),
     (lambda: psd_keras.PerturbedAdam(epsilon=0.0), "epsilon"),
-    (lambda: psd_keras.PerturbedAdam(r=-1.0), "r"),
+    (lambda: psd_keras.PerturbedAdam(radius=-1.0), "radius"),
     (lambda: psd_keras.PerturbedAdam(g_thres=-1.0), "g_thres"),
     (lambda: psd_keras.PerturbedAdam(learning_rate=-1.0), "learning_rate"),
     (lambda: psd_keras.SAM_SPS(rho=-0.1), "rho"),

@@ -22,10 +22,10 @@ def _make(name, seed=0):
     )
     opt = {
         "PSD": lambda: psd_keras.PSD(
-            0.1, epsilon=50.0, radius=0.05, episode_length=2, t_thres=1, seed=seed
+            0.1, g_thres=50.0, radius=0.05, episode_length=2, t_thres=1, seed=seed
         ),
         "PerturbedAdam": lambda: psd_keras.PerturbedAdam(
-            0.01, g_thres=1e3, t_thres=2, r=0.01, noise="ball", seed=seed
+            0.01, g_thres=1e3, t_thres=2, radius=0.01, noise="ball", seed=seed
         ),
         "SAM_SPS": lambda: psd_keras.SAM_SPS(rho=0.05, lambd=0.5, gamma_b=0.5, weight_decay=1e-4),
     }[name]()
@@ -72,7 +72,7 @@ def test_save_load_continues_identically(name, digits10, tmp_path):
 def test_seed_makes_noise_reproducible_and_different_seeds_differ():
     def run(seed):
         v = keras.Variable(np.zeros(20, np.float32))
-        opt = psd_keras.PSD(0.1, epsilon=1.0, radius=0.5, seed=seed)
+        opt = psd_keras.PSD(0.1, g_thres=1.0, radius=0.5, seed=seed)
         opt.apply([keras.ops.zeros((20,))], [v])
         return _np(v.value)
 

@@ -53,6 +53,22 @@ def test_binary(fn, xp, tf):
     )
 
 
+@pytest.mark.parametrize("fn", ["all", "max", "min"])
+@pytest.mark.parametrize("axis", [None, 0, 1])
+def test_reductions(fn, axis, xp, tf):
+    x = B > 0 if fn == "all" else B
+    np.testing.assert_array_equal(
+        getattr(xp, fn)(tf.constant(x), axis=axis).numpy(), getattr(np, fn)(x, axis=axis)
+    )
+
+
+def test_real_imag(xp, tf):
+    z = (B + 1j * B[::-1]).astype(np.complex64)
+    np.testing.assert_array_equal(xp.real(tf.constant(z)).numpy(), z.real)
+    np.testing.assert_array_equal(xp.imag(tf.constant(z)).numpy(), z.imag)
+    assert xp.complex64 == tf.complex64 and xp.complex128 == tf.complex128
+
+
 def test_where_sum_reshape_astype(xp, tf):
     c = B > 1.0
     np.testing.assert_array_equal(
