@@ -174,12 +174,16 @@ def psd(
     unless perturbing); apply them with :func:`optax.apply_updates`.
 
     Args:
-        learning_rate: float, 0-d array or optax schedule ``count -> lr`` (the
-            count of finite steps, ``state.count``).
+        learning_rate: float, 0-d array or optax schedule ``count -> lr`` of
+            ``state.count`` (the core's count, see :class:`psd_core.perturbation.PSDState`).
+            A schedule negative at count 0 raises; later negative values (and
+            negative traced values) are clamped at 0.
         epsilon, radius, episode_length, t_thres, max_episodes, gate, ema_beta,
             noise, step_on_perturb: as in :func:`psd_core.perturbation.psd_config`.
-        seed: int seed (or a raw/typed PRNG key) of the key kept in the state.
-            Under ``jax.vmap`` give each problem its own key, e.g.
+        seed, key: int seed, raw ``uint32[2]`` key or typed ``jax.random.key`` of
+            the key kept in the state (``key`` is Optax's name; give at most one;
+            default seed 0); may be traced (``jax.vmap`` over seeds or keys).
+            Or, under ``jax.vmap`` of ``init``, give each problem its own key:
             ``state._replace(key=jax.random.split(key, n))``.
         noise_fn: ``noise_fn(key, leaves) -> (normals, uniform)``; defaults to
             :func:`psd_optax.gaussian_noise`. A hook to inject draws (tests).

@@ -9,6 +9,8 @@ accumulated gradients, the unmasked subtree, ...), computed without the wrapper.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +50,13 @@ def extras(name, params, fun=loss):
     return {}
 
 
+def jit_update(tx, grads, state, params, **kw):
+    """``jax.jit(tx.update)`` with the callables among ``kw`` bound statically."""
+    fns = {k: v for k, v in kw.items() if callable(v)}
+    arrays = {k: v for k, v in kw.items() if not callable(v)}
+    return jax.jit(functools.partial(tx.update, **fns))(grads, state, params, **arrays)
+
+
 def assert_trees_close(a, b, atol=1e-12):
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
@@ -71,13 +80,14 @@ def test_multisteps_applies_the_mean_of_k_gradients(name):
             for _ in range(k)
         ]
         for i, g in enumerate(grads):
-            u, s = jax.jit(tx.update)(g, s, p, **extras(name, p))
+            u, s = jit_update(tx, g, s, p, **extras(name, p))
             if i < k - 1:
                 assert all(bool(jnp.all(x == 0)) for x in jax.tree_util.tree_leaves(u))
         mean = jax.tree_util.tree_map(lambda *x: sum(x) / k, *grads)
         v, r = ref.update(mean, r, q, **extras(name, q))
         p, q = optax.apply_updates(p, u), optax.apply_updates(q, v)
-        assert_trees_close(p, q)
+        # MultiSteps's running mean weights 1/(i+1) are float32: agreement to ~1e-8
+        assert_trees_close(p, q, atol=1e-7)
     assert int(optax.tree_utils.tree_get(s, "mini_step")) == 0
 
 
@@ -105,7 +115,7 @@ def test_masked_trains_the_subtree_alone(name):
         kw = extras(name, p)
         if name == "sam_sps":
             kw["full_params"] = p
-        u, s = jax.jit(tx.update)(g, s, p, **kw)
+        u, s = jit_update(tx, g, s, p, **kw)
         p = optax.apply_updates(p, u)
         v, r = ref.update(jax.grad(loss_a)(qa), r, qa, **extras(name, qa, loss_a))
         qa = optax.apply_updates(qa, v)
@@ -135,7 +145,7 @@ def test_multi_transform_with_adam_on_the_other_labels(name):
         kw = extras(name, p)
         if name == "sam_sps":
             kw["full_params"] = p
-        u, s = jax.jit(tx.update)(g, s, p, **kw)
+        u, s = jit_update(tx, g, s, p, **kw)
 
         def loss_a(t, b=qb["b"]):
             return loss({"a": t["a"], "b": b})
@@ -157,7 +167,7 @@ def test_apply_if_finite_skips_non_finite_steps(name):
         g = jax.grad(loss)(p)
         if i in (2, 3):
             g = {"a": g["a"].at[0].set(jnp.nan), "b": g["b"]}
-        u, s = jax.jit(tx.update)(g, s, p, **extras(name, p))
+        u, s = jit_update(tx, g, s, p, **extras(name, p))
         p = optax.apply_updates(p, u)
         if i not in (2, 3):
             v, r = ref.update(jax.grad(loss)(q), r, q, **extras(name, q))
@@ -225,8 +235,8 @@ def test_inject_hyperparams_on_every_number_argument(name):
     kind = name.split()[0]
     events = 0
     for _ in range(8):
-        u, s = jax.jit(tx.update)(jax.grad(loss)(p), s, p, **extras(kind, p))
-        v, r = jax.jit(ref.update)(jax.grad(loss)(q), r, q, **extras(kind, q))
+        u, s = jit_update(tx, jax.grad(loss)(p), s, p, **extras(kind, p))
+        v, r = jit_update(ref, jax.grad(loss)(q), r, q, **extras(kind, q))
         p, q = optax.apply_updates(p, u), optax.apply_updates(q, v)
         assert_trees_close(p, q, atol=1e-10)
         events += int(bool(getattr(r, "perturbed", False)))
