@@ -209,8 +209,10 @@ LARGE_SCRIPT = textwrap.dedent(
 
 def _core_has_int64_counters():
     """Contract C1 (h-core-num): int64 counters where the backend has them."""
-    cfg = psd_core.psd_config(0.1, 1.0, 0.1)
-    return psd_core.psd_init(np.zeros(()), cfg).count.dtype == np.int64
+    from psd_core import perturbation
+
+    cfg = perturbation.psd_config(0.1, 1.0, 0.1)
+    return perturbation.psd_init(np.zeros(()), cfg).count.dtype == np.int64
 
 
 @pytest.mark.xfail(
