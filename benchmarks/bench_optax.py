@@ -80,7 +80,7 @@ def build(name: str, grads: Any) -> tuple[Any, Callable[..., Any]]:
         # The gate stays closed on these gradients (||g|| >> epsilon): the usual step.
         tx = psd_optax.psd(lr, epsilon=1e-3, radius=1e-3, episode_length=10)
     elif name == "perturbed_adam":
-        tx = psd_optax.perturbed_adam(lr, g_thres=1e-3, t_thres=10, r=1e-3)
+        tx = psd_optax.perturbed_adam(lr, g_thres=1e-3, t_thres=10, radius=1e-3)
     elif name == "polyak_sgd":
         tx = optax.polyak_sgd(max_learning_rate=1.0, f_min=0.0)
     elif name == "sam_sps":

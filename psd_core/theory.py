@@ -10,8 +10,10 @@ References:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import numbers
+from typing import Any, NamedTuple
 
+from ._array import as_scalar, namespace
 from .validation import (
     check_choice,
     check_int,
@@ -76,9 +78,17 @@ def psd_constants(
         step_size_rule: ``"half"`` for :math:`1/(2\ell)` (the paper), ``"full"`` for :math:`1/\ell`
             (allowed by the reference code).
 
+    Array inputs (any of the five reals, or ``dim``, given as an array, e.g. a
+    JAX tracer under ``optax.inject_hyperparams`` inside ``jit``) are not validated
+    (their values may be unknown) and every field is then a 0-d array of their
+    float dtype, ``max_episodes`` and ``episode_length`` included (integral values).
+
     References:
         Alpay & Alakkad 2025, arXiv:2508.16540, Theorem 1 and Algorithm 1.
     """
+    reals = (epsilon, ell, rho, delta, delta_f, dim)
+    if any(_is_array(v) for v in reals):
+        return _psd_constants_arrays(*reals, step_size_rule=step_size_rule)
     epsilon = check_positive("epsilon", epsilon)
     ell = check_positive("ell", ell)
     rho = check_positive("rho", rho)
@@ -99,6 +109,45 @@ def psd_constants(
         step_size=step_size,
         episode_decrease=epsilon**2 / (128.0 * ell),
         epsilon=epsilon,
+        dim=dim,
+    )
+
+
+def _is_array(value: object) -> bool:
+    return not isinstance(value, numbers.Real) and hasattr(value, "dtype")
+
+
+def _psd_constants_arrays(
+    epsilon: Any,
+    ell: Any,
+    rho: Any,
+    delta: Any,
+    delta_f: Any,
+    dim: Any,
+    *,
+    step_size_rule: str,
+) -> PSDConstants:
+    """:func:`psd_constants` in array arithmetic (no validation, traceable)."""
+    check_choice("step_size_rule", step_size_rule, ("half", "full"))
+    arrays = [v for v in (epsilon, ell, rho, delta, delta_f, dim) if _is_array(v)]
+    xp = namespace(*arrays)
+    dtype = xp.result_type(*[a.dtype for a in arrays], xp.float32)
+    like = xp.astype(arrays[0], dtype)
+    eps, ell_, rho_, delta_, df, d = (
+        as_scalar(v, like) for v in (epsilon, ell, rho, delta, delta_f, dim)
+    )
+    gamma = xp.sqrt(rho_ * eps)
+    max_episodes = 1.0 + xp.ceil(128.0 * ell_ * df / eps**2)
+    episode_length = xp.ceil(8.0 * ell_ / gamma * xp.log(16.0 * d * max_episodes / delta_))
+    step_size = 1.0 / (2.0 * ell_) if step_size_rule == "half" else 1.0 / ell_
+    return PSDConstants(
+        gamma=gamma,
+        radius=xp.sqrt(eps / rho_) / 8.0,
+        max_episodes=max_episodes,
+        episode_length=episode_length,
+        step_size=step_size,
+        episode_decrease=eps**2 / (128.0 * ell_),
+        epsilon=eps,
         dim=dim,
     )
 

@@ -1,16 +1,20 @@
-"""Optax adapter for :mod:`psd_core`: ``optax.GradientTransformation`` factories.
+"""Optax adapter for :mod:`psd_core`: ``optax.GradientTransformationExtraArgs`` factories.
 
 * :func:`psd` / :func:`from_theory` — perturbed saddle-escape descent;
 * :func:`perturbed_adam` — PerturbedAdam (psd-optimizer semantics, global gate);
-* :func:`sam_sps` — SAM / USAM with the stochastic Polyak step size
-  (an ``optax.GradientTransformationExtraArgs``).
+* :func:`sam_sps` — SAM / USAM with the stochastic Polyak step size.
+
+They follow Optax's conventions: ``init`` returns uncommitted arrays (a leafless
+tree is accepted, for ``optax.tree.map_params``), ``update`` ignores extra keyword
+arguments, randomness is a ``seed`` or ``key`` (int or PRNG key, possibly traced)
+and every number argument can be injected with ``optax.inject_hyperparams``.
 
 All the math (gates, state machines, coefficients, the non-finite policy) comes from
 :mod:`psd_core`; this package flattens pytrees, keeps the PRNG key in the state,
 draws noise with ``jax.random`` only on perturbing steps (``jax.lax.cond``) and
 returns optax updates. :func:`update_and_apply` is the fused step (update and
-apply in one, noise added by an in-place ``lax.while_loop``). Everything is jit-able, vmap-able and works with sharded
-parameters. See ``docs/guides/optax.md``.
+apply in one, noise added by an in-place ``lax.while_loop``). Everything is
+jit-able, vmap-able and works with sharded parameters. See ``docs/guides/optax.md``.
 """
 
 from __future__ import annotations

@@ -10,18 +10,16 @@ import optax
 
 from psd_core import perturbation as core
 from psd_core._array import tree_select, tree_size, tree_sq_norm
-from psd_core.validation import check_nonnegative
 
 from ._common import (
     NoiseFn,
-    _concrete,
-    _is_traced,
-    check_seed,
     draws_if,
     gaussian_noise,
     init_key,
     noise_if,
     resolve_hparams,
+    resolve_seed,
+    uncommitted,
 )
 
 __all__ = ["PerturbedAdamState", "perturbed_adam"]
@@ -64,12 +62,13 @@ def perturbed_adam(
     eps: float = 1e-8,
     g_thres: float = 1e-3,
     t_thres: int = 10,
-    r: float = 1e-3,
+    radius: float = 1e-3,
     *,
-    seed: int | jax.Array = 0,
+    seed: int | jax.Array | None = None,
+    key: int | jax.Array | None = None,
     noise: str = "gaussian",
     noise_fn: NoiseFn | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""PerturbedAdam (psd-optimizer semantics, global gate) on any pytree.
 
     Moments, bias corrections, the Adam direction, the gate and its coefficients
@@ -79,24 +78,29 @@ def perturbed_adam(
     :func:`~psd_core.perturbation.perturbed_adam_coefficients`). The update is the
     Adam step ``-lr * m_hat / (sqrt(v_hat) + eps)``; when the global norm of the
     bias-corrected step has been at most ``g_thres`` for ``t_thres`` consecutive
-    steps it is replaced by noise of radius ``r`` (drawn only then, inside
+    steps it is replaced by noise of radius ``radius`` (drawn only then, inside
     ``jax.lax.cond``) and both moments are reset to zero. A step with a non-finite
     gradient is skipped (zero update, moments and counters unchanged but
     ``skipped``).
+
+    ``state.count`` is Adam's bias-correction count: it counts *applied* steps
+    only (a skipped step leaves it, as in ``optax.apply_if_finite(optax.adam)``),
+    so a ``learning_rate`` schedule is evaluated at the number of applied steps.
+    (:func:`psd`'s ``count`` advances on every call instead.)
 
     Args:
         learning_rate: float, 0-d array or optax schedule of ``state.count``.
         b1, b2, eps: Adam's constants.
         g_thres, t_thres: the gate (see :func:`psd_core.perturbation.perturbed_adam_config`).
-        r: noise radius (standard deviation per coordinate for ``noise="gaussian"``,
+        radius: noise radius (standard deviation per coordinate for ``noise="gaussian"``,
             the published default; ball radius for ``noise="ball"``).
-        seed: int seed or PRNG key of the key kept in the state.
+        seed, key: int seed, raw ``uint32[2]`` key or typed ``jax.random.key``
+            (``key`` is Optax's name; give at most one; default seed 0); may be
+            traced.
         noise: ``"gaussian"`` or ``"ball"``.
         noise_fn: ``noise_fn(key, leaves) -> (normals, uniform)``; defaults to
             :func:`psd_optax.gaussian_noise`.
     """
-    if not _is_traced(r):
-        check_nonnegative("r", _concrete("r", r))
     values = dict(
         learning_rate=learning_rate,
         b1=b1,
@@ -104,22 +108,29 @@ def perturbed_adam(
         eps=eps,
         g_thres=g_thres,
         t_thres=t_thres,
-        radius=r,
+        radius=radius,
         noise=noise,
     )
     cfg = resolve_hparams(core.perturbed_adam_config, values, _PLACEHOLDERS)
-    check_seed(seed)
+    seed = resolve_seed(seed, key)
     noise_fn = gaussian_noise if noise_fn is None else noise_fn
 
     def init_fn(params: optax.Params) -> PerturbedAdamState:
         leaves, treedef = jax.tree_util.tree_flatten(params)
-        if not leaves:
-            raise ValueError("perturbed_adam: params has no leaves")
-        c = core.perturbed_adam_init(leaves, cfg)
+        # The counters are built under jit so that they are uncommitted (as Optax's);
+        # a leafless tree (optax.tree.map_params's placeholder) has no moments.
+        like = [jnp.zeros((), leaves[0].dtype if leaves else None)]
+        c = uncommitted(lambda p: core.perturbed_adam_init(p, cfg), like)
+        if leaves:
+            m = core.perturbed_adam_init(leaves, cfg)
+            mu = jax.tree_util.tree_unflatten(treedef, m.mu)
+            nu = jax.tree_util.tree_unflatten(treedef, m.nu)
+        else:
+            mu = nu = params
         return PerturbedAdamState(
             count=c.count,
-            mu=jax.tree_util.tree_unflatten(treedef, c.mu),
-            nu=jax.tree_util.tree_unflatten(treedef, c.nu),
+            mu=mu,
+            nu=nu,
             small_steps=c.small_steps,
             perturbations=c.perturbations,
             skipped=c.skipped,
@@ -188,9 +199,12 @@ def perturbed_adam(
         )
 
     def update_fn(
-        updates: optax.Updates, state: PerturbedAdamState, params: optax.Params | None = None
+        updates: optax.Updates,
+        state: PerturbedAdamState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
     ) -> tuple[optax.Updates, PerturbedAdamState]:
-        del params
+        del params, extra_args  # e.g. value=loss from optax.chain(..., polyak_sgd)
         leaves, treedef, direction, s2, probe, coefficients, new, m, v = prologue(updates, state)
         normals, noise_sq_norm, uniform, key = draws_if(
             probe.perturb, state.key, leaves, s2, noise_fn
@@ -200,8 +214,12 @@ def perturbed_adam(
         return jax.tree_util.tree_unflatten(treedef, upd), new_state(treedef, new, m, v, key)
 
     def fused_apply(
-        updates: optax.Updates, state: PerturbedAdamState, params: optax.Params
+        updates: optax.Updates,
+        state: PerturbedAdamState,
+        params: optax.Params,
+        **extra_args: Any,
     ) -> tuple[optax.Params, PerturbedAdamState]:
+        del extra_args
         leaves, treedef, direction, s2, probe, coefficients, new, m, v = prologue(updates, state)
         p = treedef.flatten_up_to(params)
         p = optax.apply_updates(p, core.psd_updates(_as_psd_coeffs(probe), direction, None))
@@ -214,4 +232,4 @@ def perturbed_adam(
         return jax.tree_util.tree_unflatten(treedef, p), new_state(treedef, new, m, v, key)
 
     update_fn.fused_apply = fused_apply  # type: ignore[attr-defined]
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -11,12 +11,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from psd_core._array import tree_acc_dtype, tree_sq_norm
 
 __all__ = [
     "NoiseFn",
-    "check_seed",
+    "as_count",
+    "check_schedule",
+    "clamp_schedule",
+    "default_float",
+    "has_masked_nodes",
+    "resolve_seed",
+    "uncommitted",
     "draws_if",
     "noise_if",
     "gaussian_noise",
@@ -65,22 +72,110 @@ def _sharding_of(x: jax.Array) -> Any:
 
 
 def init_key(seed: Any) -> jax.Array:
-    """A raw ``uint32[2]`` PRNG key from an int seed (or a key passed as is)."""
-    seed = _concrete("seed", seed)
-    if isinstance(seed, jax.Array | np.ndarray) and jnp.ndim(seed) > 0:
-        if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+    """The raw ``uint32[2]`` PRNG key kept in the state, from ``seed``.
+
+    Accepted, as :func:`optax.noisy_sgd`'s ``key`` accepts them: a Python/NumPy
+    int, a 0-d integer array (concrete or traced, e.g. under ``jax.vmap`` over
+    seeds or ``optax.inject_hyperparams`` inside ``jit``), an old-style raw key
+    (``jax.random.PRNGKey(1)``, ``uint32[2]``) or a new-style typed key
+    (``jax.random.key(1)``), concrete or traced.
+    """
+    if isinstance(seed, jax.Array | np.ndarray | np.generic):
+        dtype = seed.dtype
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            if jnp.ndim(seed) != 0:
+                raise ValueError(
+                    f"Invalid seed: expected one typed PRNG key, got shape {jnp.shape(seed)}"
+                )
             return jax.random.key_data(seed)
-        return jnp.asarray(seed, dtype=jnp.uint32)
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        if not jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
+            raise TypeError(f"seed must be an int or a PRNG key, got an array of dtype {dtype}")
+        if jnp.ndim(seed) == 0:
+            return jax.random.PRNGKey(seed)
+        if jnp.shape(seed) == (2,) and dtype == jnp.uint32:
+            return jnp.asarray(seed)
+        raise ValueError(
+            f"Invalid seed: expected an int, a raw uint32[2] key or a typed key, "
+            f"got an array of shape {jnp.shape(seed)} and dtype {dtype}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or a PRNG key, got {seed!r} ({type(seed).__name__})")
-    return jax.random.PRNGKey(int(seed))
+    return jax.random.PRNGKey(seed)
 
 
-def check_seed(seed: Any) -> None:
-    """Validate ``seed`` at construction (a traced seed, from ``inject_hyperparams``
-    inside ``jit``, is only used by ``init``, which sees it concrete)."""
-    if not _is_traced(seed):
-        init_key(seed)
+def resolve_seed(seed: Any, key: Any) -> Any:
+    """``key`` (Optax's name) or ``seed`` (this package's), validated when concrete.
+
+    At most one may be given; neither means seed 0. A traced value (``vmap`` over
+    seeds, ``inject_hyperparams`` inside ``jit``) is only used by ``init``.
+    """
+    if key is not None and seed is not None:
+        raise ValueError("pass either seed or key, not both")
+    value = key if key is not None else (0 if seed is None else seed)
+    if not _is_traced(value):
+        init_key(value)
+    return value
+
+
+def uncommitted(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` evaluated inside ``jax.jit`` so that its arrays are uncommitted.
+
+    The core builds its initial state with ``device=`` of a template array, which
+    commits the arrays to that device; Optax's own ``init`` returns uncommitted
+    ones, and a jitted step fed a mix of committed state and uncommitted params
+    compiles twice (on the first and on the second call). Under ``jit`` the
+    template is a tracer, whose device is ``None``, so nothing is committed.
+    """
+    return jax.jit(fn)(*args)
+
+
+def as_count(value: Any) -> Any:
+    """A traced integral float (the core's array-valued theory constants) as a count
+    of the default integer dtype, saturating at its maximum; anything else unchanged."""
+    if not _is_traced(value):
+        return value
+    dt = jnp.asarray(0).dtype
+    top = jnp.iinfo(dt).max
+    return jnp.where(value >= float(top), top, value.astype(dt))
+
+
+def default_float() -> Any:
+    """The float dtype of a parameter-less template (``init`` on placeholder trees)."""
+    return jnp.zeros(()).dtype
+
+
+def check_schedule(name: str, schedule: Any) -> None:
+    """Reject a schedule whose value at count 0 is a concrete negative number.
+
+    Later values are traced (they cannot be checked); :func:`clamp_schedule`
+    clamps them at 0 so that a negative value never makes the optimizer ascend.
+    """
+    if not callable(schedule):
+        return
+    v = schedule(jnp.zeros((), jnp.int32))
+    if not _is_traced(v) and np.ndim(v) == 0 and float(np.asarray(v)) < 0:
+        raise ValueError(
+            f"Invalid {name}: the schedule returns {float(np.asarray(v))!r} at count 0 "
+            "(must be >= 0)"
+        )
+
+
+def clamp_schedule(value: Any) -> Any:
+    """A schedule or traced learning rate clamped at 0 (see :func:`check_schedule`)."""
+    if callable(value):
+        return lambda count: jnp.maximum(value(count), 0)
+    if _is_traced(value):
+        return jnp.maximum(value, 0)
+    return value
+
+
+def is_masked_node(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def has_masked_nodes(tree: Any) -> bool:
+    """Whether ``tree`` holds ``optax.MaskedNode``s (from ``optax.masked`` / ``multi_transform``)."""
+    return any(is_masked_node(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_masked_node))
 
 
 def _is_traced(value: Any) -> bool:
@@ -113,6 +208,9 @@ def resolve_hparams(
     transformation from concrete values), so the config is built with valid
     placeholders and the tracers are put back with ``_replace``. The core uses
     every numeric field only in array arithmetic, so traced fields work.
+
+    A ``learning_rate`` schedule is checked at count 0 and, like a traced
+    learning rate, clamped at 0 (see :func:`check_schedule`).
     """
     concrete: dict[str, Any] = {}
     traced: dict[str, Any] = {}
@@ -124,9 +222,13 @@ def resolve_hparams(
             concrete[name] = placeholders[name]
         else:
             concrete[name] = _concrete(name, value)
+    if "learning_rate" in concrete:
+        check_schedule("learning_rate", concrete["learning_rate"])
     cfg = make_config(**concrete)
     if traced:
         cfg = cfg._replace(**traced)
+    if "learning_rate" in values:
+        cfg = cfg._replace(learning_rate=clamp_schedule(cfg.learning_rate))
     return cfg
 
 

@@ -14,12 +14,17 @@ from psd_core.theory import psd_constants
 
 from ._common import (
     NoiseFn,
-    check_seed,
+    _concrete,
+    _is_traced,
+    as_count,
+    default_float,
     draws_if,
     gaussian_noise,
     init_key,
     noise_if,
     resolve_hparams,
+    resolve_seed,
+    uncommitted,
 )
 
 __all__ = ["PSDState", "from_theory", "psd"]
@@ -82,9 +87,12 @@ def _psd_update_fn(cfg_fn: Any, noise_fn: NoiseFn) -> Any:
         )
 
     def update_fn(
-        updates: optax.Updates, state: PSDState, params: optax.Params | None = None
+        updates: optax.Updates,
+        state: PSDState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
     ) -> tuple[optax.Updates, PSDState]:
-        del params
+        del params, extra_args  # e.g. value=loss from optax.chain(..., polyak_sgd)
         leaves, treedef, cfg, dim, cstate, g2 = prologue(updates, state)
         gate = core.psd_gate(g2, cstate, cfg)
         normals, noise_sq_norm, uniform, key = draws_if(gate.open, state.key, leaves, g2, noise_fn)
@@ -93,8 +101,9 @@ def _psd_update_fn(cfg_fn: Any, noise_fn: NoiseFn) -> Any:
         return jax.tree_util.tree_unflatten(treedef, new_leaves), _from_core(new_state, key)
 
     def fused_apply(
-        updates: optax.Updates, state: PSDState, params: optax.Params
+        updates: optax.Updates, state: PSDState, params: optax.Params, **extra_args: Any
     ) -> tuple[optax.Params, PSDState]:
+        del extra_args
         leaves, treedef, cfg, dim, cstate, g2 = prologue(updates, state)
         p_leaves = treedef.flatten_up_to(params)
         # The state and the gradient coefficient do not depend on the draws (only
@@ -116,13 +125,34 @@ def _psd_update_fn(cfg_fn: Any, noise_fn: NoiseFn) -> Any:
     return update_fn
 
 
+def _psd_init(cfg_for: Any, seed: Any) -> Any:
+    """``init(params)``: the core's initial state (uncommitted, see
+    :func:`psd_optax._common.uncommitted`) plus the key from ``seed``.
+
+    A tree without leaves (``optax.tree.map_params``'s placeholder) gets the
+    state of a one-scalar problem in the default float dtype.
+    """
+
+    def init_fn(params: optax.Params) -> PSDState:
+        leaves = jax.tree_util.tree_leaves(params)
+        acc = tree_acc_dtype(leaves) if leaves else default_float()
+        cfg = cfg_for(leaves if leaves else [jnp.zeros((), acc)])
+        cstate = uncommitted(
+            lambda like: core.psd_init(like, cfg, acc_dtype=acc), jnp.zeros((), acc)
+        )
+        return _from_core(cstate, init_key(seed))
+
+    return init_fn
+
+
 def psd(
     learning_rate: optax.ScalarOrSchedule,
     epsilon: float,
     radius: float,
     episode_length: int = 0,
     *,
-    seed: int | jax.Array = 0,
+    seed: int | jax.Array | None = None,
+    key: int | jax.Array | None = None,
     t_thres: int = 0,
     max_episodes: int | None = None,
     gate: str = "grad_norm",
@@ -144,12 +174,16 @@ def psd(
     unless perturbing); apply them with :func:`optax.apply_updates`.
 
     Args:
-        learning_rate: float, 0-d array or optax schedule ``count -> lr`` (the
-            count of finite steps, ``state.count``).
+        learning_rate: float, 0-d array or optax schedule ``count -> lr`` of
+            ``state.count`` (the core's count, see :class:`psd_core.perturbation.PSDState`).
+            A schedule negative at count 0 raises; later negative values (and
+            negative traced values) are clamped at 0.
         epsilon, radius, episode_length, t_thres, max_episodes, gate, ema_beta,
             noise, step_on_perturb: as in :func:`psd_core.perturbation.psd_config`.
-        seed: int seed (or a raw/typed PRNG key) of the key kept in the state.
-            Under ``jax.vmap`` give each problem its own key, e.g.
+        seed, key: int seed, raw ``uint32[2]`` key or typed ``jax.random.key`` of
+            the key kept in the state (``key`` is Optax's name; give at most one;
+            default seed 0); may be traced (``jax.vmap`` over seeds or keys).
+            Or, under ``jax.vmap`` of ``init``, give each problem its own key:
             ``state._replace(key=jax.random.split(key, n))``.
         noise_fn: ``noise_fn(key, leaves) -> (normals, uniform)``; defaults to
             :func:`psd_optax.gaussian_noise`. A hook to inject draws (tests).
@@ -170,17 +204,11 @@ def psd(
         step_on_perturb=step_on_perturb,
     )
     cfg = resolve_hparams(core.psd_config, values, _PLACEHOLDERS)
-    check_seed(seed)
+    seed = resolve_seed(seed, key)
     noise_fn = gaussian_noise if noise_fn is None else noise_fn
-
-    def init_fn(params: optax.Params) -> PSDState:
-        leaves = jax.tree_util.tree_leaves(params)
-        if not leaves:
-            raise ValueError("psd: params has no leaves")
-        cstate = core.psd_init(leaves[0], cfg, acc_dtype=tree_acc_dtype(leaves))
-        return _from_core(cstate, init_key(seed))
-
-    return optax.GradientTransformation(init_fn, _psd_update_fn(lambda leaves: cfg, noise_fn))
+    return optax.GradientTransformationExtraArgs(
+        _psd_init(lambda leaves: cfg, seed), _psd_update_fn(lambda leaves: cfg, noise_fn)
+    )
 
 
 def from_theory(
@@ -191,10 +219,15 @@ def from_theory(
     delta_f: float = 1.0,
     dim: int | None = None,
     *,
-    seed: int | jax.Array = 0,
+    seed: int | jax.Array | None = None,
+    key: int | jax.Array | None = None,
+    t_thres: int = 0,
+    gate: str = "grad_norm",
+    ema_beta: float = 0.1,
+    noise: str = "ball",
+    step_on_perturb: bool = False,
     noise_fn: NoiseFn | None = None,
-    **kwargs: Any,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r""":func:`psd` with the paper's constants (:func:`psd_core.theory.psd_constants`):
     ``learning_rate = 1/(2 ell)``, ``radius = sqrt(epsilon/rho)/8``, episode length
     ``T``, episode budget ``M``, gate threshold ``epsilon``.
@@ -203,47 +236,40 @@ def from_theory(
     ``None``: it is then taken from the parameters, statically, by ``init`` and by
     every ``update`` (their shapes are known at trace time). Under ``jax.vmap`` the
     per-problem shapes are seen, so ``d`` is the dimension of one problem. The
-    arguments are validated here, at construction, in either case.
-    Extra keyword arguments (``t_thres``, ``gate``, ``noise``, ...) go to :func:`psd`.
+    arguments are validated here, at construction, when they are concrete
+    (Python numbers or concrete arrays, as ``optax.inject_hyperparams`` passes them
+    outside ``jit``). Traced values (``inject_hyperparams`` inside ``jit``) go
+    through the core's array arithmetic unvalidated, in their dtype; ``T`` and
+    ``M`` are then cast to the counters' integer dtype, saturating at its maximum.
+    ``t_thres``, ``gate``, ``ema_beta``, ``noise``, ``step_on_perturb``, ``seed``,
+    ``key`` and ``noise_fn`` are :func:`psd`'s (they are explicit keyword arguments,
+    not ``**kwargs``, so that ``optax.inject_hyperparams`` sees them).
     """
-    if dim is not None:
-        c = psd_constants(epsilon, ell, rho, delta, delta_f, dim=dim)
-        return psd(
-            c.step_size,
-            c.epsilon,
-            c.radius,
-            c.episode_length,
-            max_episodes=c.max_episodes,
-            seed=seed,
-            noise_fn=noise_fn,
-            **kwargs,
-        )
-    psd_constants(epsilon, ell, rho, delta, delta_f, dim=1)  # validate now
-    check_seed(seed)
-    for bad in ("learning_rate", "epsilon", "radius", "episode_length", "max_episodes"):
-        if bad in kwargs:
-            raise TypeError(f"from_theory: {bad} is set by the theory, do not pass it")
+    kwargs = dict(
+        t_thres=t_thres, gate=gate, ema_beta=ema_beta, noise=noise, step_on_perturb=step_on_perturb
+    )
+    theory = dict(epsilon=epsilon, ell=ell, rho=rho, delta=delta, delta_f=delta_f)
+    theory = {name: _concrete(name, v) for name, v in theory.items()}
+    dim = _concrete("dim", dim)
+    if not any(_is_traced(v) for v in (*theory.values(), dim)):
+        psd_constants(**theory, dim=1 if dim is None else dim)  # validate now
+    seed = resolve_seed(seed, key)
 
     def cfg_for(leaves: list[jax.Array]) -> core.PSDConfig:
-        c = psd_constants(epsilon, ell, rho, delta, delta_f, dim=tree_size(leaves))
-        return core.psd_config(
-            c.step_size,
-            c.epsilon,
-            c.radius,
-            c.episode_length,
-            max_episodes=c.max_episodes,
+        c = psd_constants(**theory, dim=tree_size(leaves) if dim is None else dim)
+        values = dict(
+            learning_rate=c.step_size,
+            epsilon=c.epsilon,
+            radius=c.radius,
+            episode_length=as_count(c.episode_length),
+            max_episodes=as_count(c.max_episodes),
             **kwargs,
         )
+        return resolve_hparams(core.psd_config, values, _PLACEHOLDERS)  # type: ignore[no-any-return]
 
     # Validate the remaining keyword arguments once, with d = 1.
     cfg_for([jnp.zeros(())])
     noise_fn = gaussian_noise if noise_fn is None else noise_fn
-
-    def init_fn(params: optax.Params) -> PSDState:
-        leaves = jax.tree_util.tree_leaves(params)
-        if not leaves:
-            raise ValueError("from_theory: params has no leaves")
-        cstate = core.psd_init(leaves[0], cfg_for(leaves), acc_dtype=tree_acc_dtype(leaves))
-        return _from_core(cstate, init_key(seed))
-
-    return optax.GradientTransformation(init_fn, _psd_update_fn(cfg_for, noise_fn))
+    return optax.GradientTransformationExtraArgs(
+        _psd_init(cfg_for, seed), _psd_update_fn(cfg_for, noise_fn)
+    )

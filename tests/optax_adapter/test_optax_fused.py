@@ -91,10 +91,10 @@ MAKERS = {
         epsilon=1.0, ell=10.0, rho=5.0, delta=0.1, delta_f=1.0, seed=6, t_thres=2
     ),
     "perturbed_adam gaussian": lambda: psd_optax.perturbed_adam(
-        0.05, g_thres=3.0, t_thres=3, r=0.05, seed=5
+        0.05, g_thres=3.0, t_thres=3, radius=0.05, seed=5
     ),
     "perturbed_adam ball": lambda: psd_optax.perturbed_adam(
-        0.05, g_thres=3.0, t_thres=3, r=0.05, noise="ball", seed=7
+        0.05, g_thres=3.0, t_thres=3, radius=0.05, noise="ball", seed=7
     ),
 }
 

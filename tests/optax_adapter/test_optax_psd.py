@@ -213,7 +213,7 @@ def test_vmap_gaussian_wells_matches_core_per_problem():
 def test_perturbed_adam_matches_core_float64(noise):
     kwargs = dict(learning_rate=0.05, g_thres=3.0, t_thres=3, radius=0.05, noise=noise)
     tx = psd_optax.perturbed_adam(
-        kwargs["learning_rate"], g_thres=3.0, t_thres=3, r=0.05, noise=noise, seed=5
+        kwargs["learning_rate"], g_thres=3.0, t_thres=3, radius=0.05, noise=noise, seed=5
     )
     ref = psd_core.perturbed_adam(**kwargs)
     params = to_tree(jnp.linspace(-0.5, 0.7, 5))
@@ -239,7 +239,9 @@ def test_perturbed_adam_matches_core_float64(noise):
 
 
 def test_perturbed_adam_without_perturbation_is_optax_adam():
-    tx = psd_optax.perturbed_adam(0.01, b1=0.8, b2=0.99, eps=1e-6, g_thres=0.0, t_thres=1, r=1.0)
+    tx = psd_optax.perturbed_adam(
+        0.01, b1=0.8, b2=0.99, eps=1e-6, g_thres=0.0, t_thres=1, radius=1.0
+    )
     ref = optax.adam(0.01, b1=0.8, b2=0.99, eps=1e-6)
     p = q = to_tree(jnp.linspace(0.3, 0.9, 5))
     s, r = tx.init(p), ref.init(q)
@@ -264,7 +266,7 @@ def test_non_finite_gradient_is_skipped(bad):
     g_bad = to_tree(jnp.asarray([0.0, 0.0, bad, 0.0, 0.0]))
     for tx in (
         psd_optax.psd(0.1, epsilon=1e9, radius=1.0, episode_length=2),  # would perturb
-        psd_optax.perturbed_adam(0.1, g_thres=1e9, t_thres=1, r=1.0),  # would perturb
+        psd_optax.perturbed_adam(0.1, g_thres=1e9, t_thres=1, radius=1.0),  # would perturb
     ):
         state = tx.init(params)
         # one finite step first so the state is not the initial one
@@ -331,7 +333,7 @@ def test_chain_with_clip_and_inject_hyperparams():
         (lambda: psd_optax.from_theory(1e-2, 1.0, 1.0, delta=2.0), "delta"),
         (lambda: psd_optax.perturbed_adam(b1=1.0), "b1"),
         (lambda: psd_optax.perturbed_adam(eps=0.0), "eps"),
-        (lambda: psd_optax.perturbed_adam(r=-1.0), "r"),
+        (lambda: psd_optax.perturbed_adam(radius=-1.0), "radius"),
         (lambda: psd_optax.perturbed_adam(g_thres=-1.0), "g_thres"),
     ],
 )

@@ -55,7 +55,7 @@ CHILD = textwrap.dedent(
 
     makers = {
         "psd": (lambda: psd_optax.psd(0.02, epsilon=1e3, radius=0.2, episode_length=2, t_thres=4), "plain"),
-        "perturbed_adam": (lambda: psd_optax.perturbed_adam(0.02, g_thres=1e3, t_thres=4, r=0.1), "plain"),
+        "perturbed_adam": (lambda: psd_optax.perturbed_adam(0.02, g_thres=1e3, t_thres=4, radius=0.1), "plain"),
         "sam_sps": (lambda: psd_optax.sam_sps(rho=0.05, gamma_b=0.5), "sam"),
     }
     makers["psd fused"] = (makers["psd"][0], "fused")
