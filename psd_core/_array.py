@@ -79,6 +79,21 @@ def accumulation_dtype(xp: Any, dtype: Any) -> Any:
     return dtype
 
 
+def scalar_device(like: Array) -> Any:
+    """The device on which to create 0-d state and scalars next to ``like``.
+
+    ``like``'s device, except where ``like`` is split over several devices (a JAX
+    array with a multi-device ``NamedSharding``, as in FSDP): a 0-d array cannot take
+    that layout, so it is created on the default device (``None``; JAX then leaves it
+    uncommitted and ``jit`` replicates it).
+    """
+    dev = device(like)
+    devices = getattr(dev, "device_set", None)  # a JAX Sharding; duck-typed, no import
+    if devices is not None and len(devices) > 1:
+        return None
+    return dev
+
+
 def as_scalar(value: Any, like: Array, dtype: Any = None) -> Array:
     """``value`` (Python number or 0-d array) as a 0-d array on ``like``'s device.
 
@@ -97,7 +112,7 @@ def as_scalar(value: Any, like: Array, dtype: Any = None) -> Array:
             value = float(value)
         else:
             return xp.astype(value, dtype) if value.dtype != dtype else value
-    return xp.asarray(value, dtype=dtype, device=device(like))
+    return xp.asarray(value, dtype=dtype, device=scalar_device(like))
 
 
 def coefficient_for(c: Any, leaf: Array) -> Array:

@@ -114,9 +114,13 @@ CHILD = textwrap.dedent(
         pshard = {k: NamedSharding(mesh, spec) for k, spec in param_specs(pax).items()}
         bshard = NamedSharding(mesh, P(dax, None))
         p = jax.device_put(params0, pshard)
-        s = jax.jit(tx.init)(p)
-        # the state's shardings as init produced them (moments follow the parameters)
-        sshard = jax.tree_util.tree_map(lambda a: a.sharding, s)
+        s = tx.init(p)
+        # FSDP: parameter-shaped state (Adam's moments) sharded like its parameter,
+        # scalars and the PRNG key replicated (the leaves' shapes are distinct)
+        by_shape = {params0[k].shape: pshard[k] for k in params0}
+        rep = NamedSharding(mesh, P())
+        sshard = jax.tree_util.tree_map(lambda a: by_shape.get(a.shape, rep), s)
+        s = jax.device_put(s, sshard)
         step = jax.jit(
             make_step(tx, kind),
             in_shardings=(pshard, sshard, bshard, bshard),
@@ -128,6 +132,7 @@ CHILD = textwrap.dedent(
             p, s = step(p, s, xb, yb)
         return p, s, pshard, mesh
 
+    by_shape_all = {a.shape for a in params0.values()}
     for layout in layouts:
         for name in makers:
             p1, s1 = run_single(name)
@@ -139,6 +144,9 @@ CHILD = textwrap.dedent(
                 nd = mesh.shape["fsdp"]
                 for shard in a.addressable_shards:
                     assert shard.data.size * nd == a.size, (tag, k, shard.data.shape, a.shape)
+            for a in jax.tree_util.tree_leaves(s2):
+                if a.shape in by_shape_all:  # moments stay sharded like their parameter
+                    assert not a.sharding.is_fully_replicated, (tag, a.shape, a.sharding)
             for a, b in zip(jax.tree_util.tree_leaves((p1, s1)), jax.tree_util.tree_leaves((p2, s2))):
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12, err_msg=tag)
             key = getattr(s2, "key", None)
@@ -167,7 +175,8 @@ CHILD = textwrap.dedent(
     ones = jax.tree_util.tree_map(lambda a: np.full_like(a, 1e-3), params0)
     u1, _ = jax.jit(tx.update)(ones, tx.init(zeros), zeros)
     pz = jax.device_put(zeros, pshard)
-    u2, _ = jax.jit(tx.update)(jax.device_put(ones, pshard), jax.jit(tx.init)(pz), pz)
+    s0 = jax.device_put(tx.init(pz), NamedSharding(mesh, P()))
+    u2, _ = jax.jit(tx.update)(jax.device_put(ones, pshard), s0, pz)
     assert any(float(jnp.max(jnp.abs(v - 1e-3))) > 1e-6 for v in jax.tree_util.tree_leaves(u1)), "no noise"
     for k in u1:
         np.testing.assert_array_equal(np.asarray(u1[k]), np.asarray(u2[k]), err_msg=k)
