@@ -143,7 +143,7 @@ def int_constant(value: int, like: Array) -> Array:
     xp = namespace(like)
     info = xp.iinfo(like.dtype)
     v = max(min(int(value), int(info.max)), int(info.min))
-    return xp.asarray(v, dtype=like.dtype, device=device(like))
+    return xp.asarray(v, dtype=like.dtype, device=scalar_device(like))
 
 
 def saturating_increment(counter: Array) -> Array:
@@ -151,6 +151,21 @@ def saturating_increment(counter: Array) -> Array:
     xp = namespace(counter)
     top = int_constant(xp.iinfo(counter.dtype).max, counter)
     return xp.where(counter < top, counter + xp.ones_like(counter), counter)
+
+
+def scalar_device(like: Array) -> Any:
+    """The device on which to create 0-d state and scalars next to ``like``.
+
+    ``like``'s device, except where ``like`` is split over several devices (a JAX
+    array with a multi-device ``NamedSharding``, as in FSDP): a 0-d array cannot take
+    that layout, so it is created on the default device (``None``; JAX then leaves it
+    uncommitted and ``jit`` replicates it).
+    """
+    dev = device(like)
+    devices = getattr(dev, "device_set", None)  # a JAX Sharding; duck-typed, no import
+    if devices is not None and len(devices) > 1:
+        return None
+    return dev
 
 
 def as_scalar(value: Any, like: Array, dtype: Any = None) -> Array:
@@ -171,7 +186,7 @@ def as_scalar(value: Any, like: Array, dtype: Any = None) -> Array:
             value = float(value)
         else:
             return xp.astype(value, dtype) if value.dtype != dtype else value
-    return xp.asarray(value, dtype=dtype, device=device(like))
+    return xp.asarray(value, dtype=dtype, device=scalar_device(like))
 
 
 def coefficient_for(c: Any, leaf: Array) -> Array:
@@ -266,7 +281,7 @@ def tree_norm(tree: Tree) -> Array:
         m = xp.max(_flat(xp, xp.abs(leaf), acc))
         scale = m if scale is None else xp.maximum(scale, m)
     if scale is None:
-        return xp.zeros((), dtype=acc, device=device(tree[0]))
+        return xp.zeros((), dtype=acc, device=scalar_device(tree[0]))
     ok = xp.isfinite(scale) & (scale > 0)
     safe = xp.where(ok, scale, xp.ones_like(scale))
     total = None

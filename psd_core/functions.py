@@ -247,7 +247,7 @@ class Rosenbrock(_Base):
 
     .. math::
         \partial_{a_i} = -400a_ir_i - 2(1-a_i),\quad \partial_{b_i} = 200r_i,\\
-        H_{ii} = [i<d](1200x_i^2-400x_{i+1}+2) + [i>1]\,200,\quad
+        H_{ii} = [i<d]\,(1200x_i^2-400x_{i+1}+2) + [i>1]\,200,\quad
         H_{i,i+1} = H_{i+1,i} = -400x_i
 
     (tridiagonal; ``hvp`` uses the three diagonals, never a dense matrix).

@@ -226,10 +226,10 @@ def psd_init(
         acc_dtype: float dtype of the EMA (defaults to ``like``'s accumulation dtype).
         batch_shape: ``(n,)`` to run ``n`` independent problems with batched scalars.
     """
-    from array_api_compat import device
+    from ._array import scalar_device
 
     xp = namespace(like)
-    dev = device(like)
+    dev = scalar_device(like)
     acc = acc_dtype if acc_dtype is not None else tree_acc_dtype([like])
 
     idt = count_dtype(xp)
@@ -590,11 +590,11 @@ class PerturbedAdamState(NamedTuple):
 
 
 def perturbed_adam_init(params: Tree, config: PerturbedAdamConfig) -> PerturbedAdamState:
-    from array_api_compat import device
+    from ._array import scalar_device
 
     check_tree("params", params)
     xp = namespace(params)
-    dev = device(params[0])
+    dev = scalar_device(params[0])
 
     def zero_int() -> Array:
         return xp.asarray(0, dtype=count_dtype(xp), device=dev)

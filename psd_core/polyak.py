@@ -290,11 +290,11 @@ class SAMSPSState(NamedTuple):
 
 
 def sam_sps_init(params: Tree) -> SAMSPSState:
-    from array_api_compat import device
+    from ._array import scalar_device
 
     check_tree("params", params)
     xp = namespace(params)
-    dev = device(params[0])
+    dev = scalar_device(params[0])
     from ._array import count_dtype, tree_acc_dtype
 
     return SAMSPSState(
