@@ -14,6 +14,7 @@ EXPERIMENTS = {
     "sam_sps_ridge": "psd_experiments.ridge",
     "bakeoff": "psd_experiments.bakeoff",
     "digits": "psd_experiments.digits",
+    "sam_sps_digits": "psd_experiments.sam_digits",
 }
 """Experiment name (also the CSV/PNG stem) -> module with ``run(cfg) -> ExperimentResult``."""
 
