@@ -15,6 +15,7 @@ EXPERIMENTS = {
     "bakeoff": "psd_experiments.bakeoff",
     "digits": "psd_experiments.digits",
     "sam_sps_digits": "psd_experiments.sam_digits",
+    "real_saddles": "psd_experiments.real_saddles",
 }
 """Experiment name (also the CSV/PNG stem) -> module with ``run(cfg) -> ExperimentResult``."""
 

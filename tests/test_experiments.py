@@ -286,6 +286,36 @@ def test_sam_sps_digits(quick_run):
     assert "published CIFAR-100 range (SPEC)" in summary and "91.6-92.2" in summary
 
 
+def test_real_saddles(quick_run):
+    _, out = quick_run
+    rows = _csv(out, "real_saddles")
+    assert list(rows[0]) == [
+        "model",
+        "framework",
+        "method",
+        "seeds",
+        "half_steps",
+        "half_ci_low",
+        "half_ci_high",
+        "half_rate",
+        "final_loss",
+        "final_ci_low",
+        "final_ci_high",
+        "perturbations",
+        "steps",
+    ]
+    by = {(r["model"], r["framework"], r["method"]): r for r in rows}
+    for fw in ("torch", "optax (jit)"):
+        for m in ("SGD", "PSD", "Adam", "PerturbedAdam"):
+            for model in ("deep_linear", "matrix_factorization"):
+                assert int(by[(model, fw, m)]["seeds"]) >= 2
+        # from W = 0 the gradient is exactly zero: SGD and Adam never move, PSD does
+        assert float(by[("deep_linear", fw, "SGD")]["half_rate"]) == 0.0
+        assert float(by[("deep_linear", fw, "Adam")]["half_rate"]) == 0.0
+        assert float(by[("deep_linear", fw, "PSD")]["perturbations"]) >= 1
+        assert float(by[("deep_linear", fw, "SGD")]["perturbations"]) == 0
+
+
 def test_escape_numpy_matches_torch():
     """The same seed gives the same run on NumPy and PyTorch inputs (same host draws)."""
     from psd_experiments.escape import problem_setup, run_method
