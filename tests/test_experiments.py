@@ -222,7 +222,9 @@ def test_bakeoff(quick_run):
     ]
     for r in rows:
         assert 0.0 <= float(r["frac_global_well"]) <= 1.0
-        assert float(r["wall_time_s"]) > 0 and int(r["starts"]) == 500
+        assert int(r["starts"]) == 500
+        assert "wall_time_s" not in r
+        assert (r["perturbations_per_start"] != "") == (r["method"] == "PSD")
         assert np.isfinite(float(r["final_mean_loss"]))
 
 
