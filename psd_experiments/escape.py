@@ -188,7 +188,7 @@ def _mean_ci(values: list[float | None], cap: int, seed: int) -> tuple[float, fl
 
 def run(cfg: RunConfig) -> ExperimentResult:
     cap = 20_000 if cfg.quick else 50_000
-    seeds = [cfg.seed + k for k in range(1 if cfg.quick else 5)]
+    seeds = [cfg.seed + k for k in range(1 if cfg.quick else 3)]
     problems = QUICK_PROBLEMS if cfg.quick else PROBLEMS
     rows: list[dict[str, Any]] = []
     settings: list[dict[str, Any]] = []
