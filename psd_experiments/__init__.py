@@ -16,6 +16,7 @@ EXPERIMENTS = {
     "digits": "psd_experiments.digits",
     "sam_sps_digits": "psd_experiments.sam_digits",
     "real_saddles": "psd_experiments.real_saddles",
+    "psgd_noise": "psd_experiments.psgd_noise",
 }
 """Experiment name (also the CSV/PNG stem) -> module with ``run(cfg) -> ExperimentResult``."""
 

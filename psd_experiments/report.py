@@ -16,6 +16,7 @@ TITLES = {
     "digits": "6. Real data: scikit-learn digits (PyTorch MLP)",
     "sam_sps_digits": "7. SAM-SPS deep-learning claim at small scale (digits MLP)",
     "real_saddles": "8. Saddles in real models, trained through the adapters",
+    "psgd_noise": "9. PSGD under gradient noise",
 }
 
 

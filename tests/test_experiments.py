@@ -318,6 +318,30 @@ def test_real_saddles(quick_run):
         assert float(by[("deep_linear", fw, "SGD")]["perturbations"]) == 0
 
 
+def test_psgd_noise(quick_run):
+    _, out = quick_run
+    rows = _csv(out, "psgd_noise")
+    assert list(rows[0]) == [
+        "sigma_sq",
+        "batch_size",
+        "gate_threshold",
+        "seeds",
+        "escape_rate",
+        "escape_grad_evals",
+        "ci_low",
+        "ci_high",
+        "escape_steps",
+        "test_says_escaped",
+        "test_agrees",
+    ]
+    assert float(rows[0]["sigma_sq"]) == 0.0 and int(rows[0]["batch_size"]) == 1
+    # B grows with sigma^2 (SPEC's batch size), and so does the gradient cost of an escape
+    assert int(rows[-1]["batch_size"]) > int(rows[0]["batch_size"])
+    assert float(rows[-1]["escape_grad_evals"]) > float(rows[0]["escape_grad_evals"])
+    for r in rows:
+        assert 0.0 <= float(r["test_agrees"]) <= 1.0
+
+
 def test_escape_numpy_matches_torch():
     """The same seed gives the same run on NumPy and PyTorch inputs (same host draws)."""
     from psd_experiments.escape import problem_setup, run_method
