@@ -311,6 +311,18 @@ def run(cfg: RunConfig) -> ExperimentResult:
     )
 
 
+def figure_from_csv(csv_path: str, png_path: str, cap: int) -> None:
+    """Redraw the figure from a finished run's CSV (no rerun)."""
+    from ._common import read_csv
+
+    rows: list[dict[str, Any]] = [
+        {k: (v if k in ("problem", "method") else float(v)) for k, v in r.items()}
+        for r in read_csv(csv_path)
+    ]
+    problems = [pn for pn in PROBLEMS if any(r["problem"] == pn for r in rows)]
+    _figure(rows, png_path, cap, problems)
+
+
 def _figure(rows: list[dict[str, Any]], path: str, cap: int, problems: list[str]) -> None:
     fig, axes = new_figure(2, width=6.0, height=4.2)
     width = 0.15
@@ -336,19 +348,32 @@ def _figure(rows: list[dict[str, Any]], path: str, cap: int, problems: list[str]
                 capsize=2,
             )
         if key == "stop":
+            first = True
             for i, pn in enumerate(PROBLEMS):
-                if pn in problems and "PSD" in PUBLISHED_SYNTHETIC:
-                    xi = problems.index(pn)
-                    for k, m in enumerate(METHODS):
-                        pub = PUBLISHED_SYNTHETIC.get(m)
-                        if pub:
-                            ax.plot(
-                                xi + (k - 2) * width,
-                                pub[i],
-                                "k_",
-                                ms=9,
-                                label="published (synthetic)" if (xi, k) == (0, 1) else None,
-                            )
+                if pn not in problems:
+                    continue
+                xi = problems.index(pn)
+                if pn == "Random-100":
+                    ax.text(xi, 3, "n/a: no second-order\npoint exists", ha="center", fontsize=8)
+                    continue
+                for k, m in enumerate(METHODS):
+                    pub = PUBLISHED_SYNTHETIC.get(m)
+                    if pub:
+                        ax.plot(
+                            xi + (k - 2) * width,
+                            pub[i],
+                            "k_",
+                            ms=12,
+                            mew=2,
+                            label="published (synthetic)" if first else None,
+                        )
+                        first = False
+            hs, ls = ax.get_legend_handles_labels()
+            keep = [(h, lab) for h, lab in zip(hs, ls) if lab == "published (synthetic)"]
+            if keep:
+                ax.legend(
+                    [h for h, _ in keep], [lab for _, lab in keep], fontsize=8, loc="upper right"
+                )
         ax.axhline(cap, color="k", lw=0.8, ls="--", label=f"cap {cap:,}")
         ax.set_yscale("log")
         ax.set_ylim(1, cap * 3)
