@@ -455,8 +455,9 @@ def run(cfg: RunConfig) -> ExperimentResult:
             )
             notes.append(
                 f"{r['method']} never perturbed (0 perturbations in {len(seeds)} x {steps_total} "
-                f"steps): {why}. Its row IS {twin}, step for step (same rate, same data order, same "
-                "init); the identical accuracy is not evidence for or against perturbations."
+                f"steps): {why}. Its row IS {twin}: the same update at the same rate, data order "
+                "and init (differences in the last digits are float32 rounding of a different "
+                "implementation); the equal accuracy is no evidence for or against perturbations."
             )
     return ExperimentResult(
         NAME,
