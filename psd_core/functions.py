@@ -657,6 +657,12 @@ class RidgeRegression(_Base):
     (interpolation: every :math:`f_i(x_{\rm true})=0`, ``f_star = 0`` when ``reg == 0``),
     else :math:`y = Ax_{\rm true}+` ``noise`` :math:`\cdot\mathcal N(0,I)`.
 
+    ``cond_A`` (keyword, default ``None``): the setup of Oikonomou & Loizou (ICML 2025)
+    and the ``sam_sps`` repository, a square symmetric :math:`A = PP^\top` (``n == d``
+    required) with :math:`\kappa(A)` = ``cond_A``: :math:`A = U\operatorname{diag}(s)U^\top`,
+    :math:`s_k^2/n` = ``np.geomspace(1, 1/cond_A**2, n)``, so the Hessian
+    :math:`A^\top A/n` has condition number ``cond_A**2`` (``cond`` is then ignored).
+
     Attributes: ``A``, ``y``, ``x_true``, ``n`` (NumPy / int); ``mu`` =
     :math:`\lambda_{\min}(\nabla^2 f)`, ``L`` = :math:`\lambda_{\max}(\nabla^2 f)`,
     ``L_max`` = :math:`\max_i\|a_i\|^2+\lambda` (the largest smoothness constant of the
@@ -682,6 +688,8 @@ class RidgeRegression(_Base):
         consistent: bool = True,
         reg: float = 0.0,
         noise: float = 0.1,
+        *,
+        cond_A: float | None = None,
     ) -> None:
         super().__init__()
         self.n = _check_dim(n, 1, "n")
@@ -697,9 +705,19 @@ class RidgeRegression(_Base):
         self.noise = float(noise)
         rng = np.random.default_rng(seed)
         r = min(self.n, self.dim)
-        u = _haar_orthogonal(rng, self.n, r)
-        v = _haar_orthogonal(rng, self.dim, r)
-        lam = np.geomspace(1.0, 1.0 / self.cond, r)
+        self.cond_A = None if cond_A is None else float(cond_A)
+        if self.cond_A is None:
+            u = _haar_orthogonal(rng, self.n, r)
+            v = _haar_orthogonal(rng, self.dim, r)
+            lam = np.geomspace(1.0, 1.0 / self.cond, r)
+        else:
+            if not self.cond_A >= 1.0:
+                raise ValueError(f"cond_A must be >= 1, got {cond_A!r}")
+            if self.n != self.dim:
+                raise ValueError(f"cond_A needs a square A (n == d), got n={n!r}, d={d!r}")
+            self.cond = self.cond_A**2
+            u = v = _haar_orthogonal(rng, self.n, r)
+            lam = np.geomspace(1.0, 1.0 / self.cond, r)
         self.A = (u * np.sqrt(self.n * lam)) @ v.T
         self.x_true = rng.standard_normal(self.dim)
         self.y = self.A @ self.x_true
@@ -830,10 +848,13 @@ def ridge_regression(
     consistent: bool = True,
     reg: float = 0.0,
     noise: float = 0.1,
+    *,
+    cond_A: float | None = None,
 ) -> RidgeRegression:
-    """Finite-sum ridge regression with mini-batches; see :class:`RidgeRegression`."""
+    r"""Finite-sum ridge regression with mini-batches; see :class:`RidgeRegression`
+    (``cond_A``: the SAM-SPS paper's :math:`A = PP^\top` with :math:`\kappa(A)` = ``cond_A``)."""
     return RidgeRegression(
-        n=n, d=d, cond=cond, seed=seed, consistent=consistent, reg=reg, noise=noise
+        n=n, d=d, cond=cond, seed=seed, consistent=consistent, reg=reg, noise=noise, cond_A=cond_A
     )
 
 

@@ -63,10 +63,12 @@ __all__ = [
     "bfgs",
     "condition_scaled_gd",
     "gd",
+    "jin_pgd_constants",
     "langevin",
     "momentum",
     "newton",
     "pgd",
+    "pgd_jin",
     "psd",
     "psd_probe",
     "psgd",
@@ -453,11 +455,125 @@ def pgd(
     r"""Perturbed gradient descent (Jin et al., 2017): when :math:`\|g\| \le g_{thres}` and more
     than ``t_thres`` steps passed since the last perturbation, add :math:`\xi\sim U(B(0,r))`.
 
-    Built on the core PSD state machine with ``episode_length=0``.
+    Built on the core PSD state machine with ``episode_length=0``. This is PGD's
+    perturbation rule only (it never stops before the budget or the ``sosp`` oracle);
+    :func:`pgd_jin` adds Jin et al.'s :math:`f_{thres}` termination.
     """
     cfg = psd_config(lr, g_thres, radius, 0, t_thres=t_thres)
     run = _Run(problem, x0, max_grad_evals, sosp, record_every)
     return _psd_loop(run, x0, cfg, HostDraws(seed), None, run.grad)
+
+
+class JinConstants(NamedTuple):
+    """Hyperparameters of PGD from Jin et al. (2017), Algorithm 2 (see :func:`jin_pgd_constants`)."""
+
+    chi: float
+    lr: float
+    radius: float
+    g_thres: float
+    f_thres: float
+    t_thres: int
+
+
+def jin_pgd_constants(
+    epsilon: float,
+    ell: float,
+    rho: float,
+    delta: float = 0.1,
+    delta_f: float = 1.0,
+    *,
+    dim: int,
+    c: float = 1.0,
+) -> JinConstants:
+    r"""The constants of Jin et al. (2017), "How to escape saddle points efficiently", Algorithm 2:
+    :math:`\chi = 3\max\{\log(d\ell\Delta_f/(c\epsilon^2\delta)), 4\}`, :math:`\eta = c/\ell`,
+    :math:`r = \sqrt c\,\epsilon/(\chi^2\ell)`, :math:`g_{thres} = \sqrt c\,\epsilon/\chi^2`,
+    :math:`f_{thres} = (c/\chi^3)\sqrt{\epsilon^3/\rho}`,
+    :math:`t_{thres} = \lceil(\chi/c^2)\,\ell/\sqrt{\rho\epsilon}\rceil`.
+
+    ``c`` is the paper's absolute constant (its analysis needs :math:`c \le c_{\max}`, unspecified).
+    """
+    epsilon = check_positive("epsilon", epsilon)
+    ell = check_positive("ell", ell)
+    rho = check_positive("rho", rho)
+    delta_f = check_positive("delta_f", delta_f)
+    c = check_positive("c", c)
+    dim = check_int("dim", dim, minimum=1)
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    chi = 3.0 * max(math.log(dim * ell * delta_f / (c * epsilon**2 * delta)), 4.0)
+    return JinConstants(
+        chi=chi,
+        lr=c / ell,
+        radius=math.sqrt(c) * epsilon / (chi**2 * ell),
+        g_thres=math.sqrt(c) * epsilon / chi**2,
+        f_thres=(c / chi**3) * math.sqrt(epsilon**3 / rho),
+        t_thres=int(math.ceil((chi / c**2) * ell / math.sqrt(rho * epsilon))),
+    )
+
+
+def pgd_jin(
+    problem: Any,
+    x0: Array,
+    *,
+    lr: float,
+    g_thres: float,
+    t_thres: int,
+    f_thres: float,
+    radius: float,
+    seed: int = 0,
+    max_grad_evals: int = 50_000,
+    sosp: tuple[float, float] | None = None,
+    record_every: int = 1,
+) -> SolverResult:
+    r"""PGD exactly as Jin et al. (2017), Algorithm 2, including its termination rule.
+
+    Gradient descent :math:`x_{t+1} = x_t - \eta\nabla f(x_t)`. When
+    :math:`\|\nabla f(x_t)\| \le g_{thres}` and :math:`t - t_{noise} > t_{thres}`:
+    remember :math:`\tilde x = x_t`, set :math:`t_{noise} = t` and add
+    :math:`\xi\sim U(B(0, r))`. When :math:`t - t_{noise} = t_{thres}` and
+    :math:`f(x_t) - f(\tilde x) > -f_{thres}` (the last perturbation did not decrease
+    :math:`f` by :math:`f_{thres}`), return :math:`\tilde x` (``converged=True``).
+
+    Unlike :func:`psd` there is no curvature test: PGD certifies a second-order point
+    by a perturbation that fails to decrease :math:`f`, so it always pays one more
+    perturbation and :math:`t_{thres}` steps at the point it returns. The gate and the
+    uniform-ball draw are the core PSD state machine's (``episode_length=0``). Each
+    iteration costs one gradient evaluation; the function values used by the termination
+    test (one at each perturbation and one :math:`t_{thres}` steps later) are not counted.
+    See :func:`jin_pgd_constants` for the paper's constants.
+    """
+    f_thres = check_nonnegative("f_thres", f_thres)
+    cfg = psd_config(lr, g_thres, radius, 0, t_thres=t_thres)
+    run = _Run(problem, x0, max_grad_evals, sosp, record_every)
+    xp = run.xp
+    draws = HostDraws(seed)
+    state = psd_init(x0, cfg)
+    dim = tree_size([x0])
+    one = xp.ones((), dtype=state.grad_sq_ema.dtype, device=_dev(x0))
+    x = x0
+    x_tilde, f_tilde, since = None, 0.0, -1
+    while run.budget_left():
+        g = run.grad(x)
+        g2 = _sq(g)
+        run.record(x, g2, episodes=float(state.episodes))
+        if run.at_sosp(x, g2):
+            return run.result(x, int(state.episodes), True)
+        if x_tilde is not None and since == cfg.t_thres:
+            if float(problem.value(x)) - f_tilde > -f_thres:
+                return run.result(x_tilde, int(state.episodes), True)
+        gate = psd_gate(g2, state, cfg)
+        z, zsq, u = None, one, one
+        if bool(gate.open):
+            x_tilde, f_tilde, since = x, float(problem.value(x)), 0
+            z = draws.normals_like([x])
+            u = draws.uniform_like(x)
+            zsq = tree_sq_norm(z)
+        coeffs, state = psd_coefficients(g2, state, cfg, dim=dim, noise_sq_norm=zsq, uniform=u)
+        x = x + psd_updates(coeffs, [g], z)[0]
+        if since >= 0:
+            since += 1
+    return run.result(x, int(state.episodes), False)
 
 
 def psd(

@@ -14,6 +14,9 @@ EXPERIMENTS = {
     "sam_sps_ridge": "psd_experiments.ridge",
     "bakeoff": "psd_experiments.bakeoff",
     "digits": "psd_experiments.digits",
+    "sam_sps_digits": "psd_experiments.sam_digits",
+    "real_saddles": "psd_experiments.real_saddles",
+    "psgd_noise": "psd_experiments.psgd_noise",
 }
 """Experiment name (also the CSV/PNG stem) -> module with ``run(cfg) -> ExperimentResult``."""
 

@@ -91,3 +91,32 @@ class Watched:
             self.reached_value = float(self.problem.value(x))
             raise Reached
         return g
+
+
+class EscapeClock:
+    """Counts ``grad`` calls and remembers the first one at a point with
+    :math:`f(x) \\le` ``threshold`` (the escape time); never stops the method."""
+
+    def __init__(self, problem: Any, threshold: float) -> None:
+        self.problem = problem
+        self.threshold = float(threshold)
+        self.evals = 0
+        self.first_below: int | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.problem, name)
+
+    def value(self, x: Any) -> Any:
+        return self.problem.value(x)
+
+    def hvp(self, x: Any, v: Any) -> Any:
+        return self.problem.hvp(x, v)
+
+    def hess(self, x: Any) -> Any:
+        return self.problem.hess(x)
+
+    def grad(self, x: Any) -> Any:
+        self.evals += 1
+        if self.first_below is None and float(self.problem.value(x)) <= self.threshold:
+            self.first_below = self.evals
+        return self.problem.grad(x)

@@ -14,6 +14,9 @@ TITLES = {
     "sam_sps_ridge": "4. SAM-SPS theory validation: ridge regression",
     "bakeoff": "5. Bakeoff on Gaussian wells (500 starts, one batch)",
     "digits": "6. Real data: scikit-learn digits (PyTorch MLP)",
+    "sam_sps_digits": "7. SAM-SPS deep-learning claim at small scale (digits MLP)",
+    "real_saddles": "8. Saddles in real models, trained through the adapters",
+    "psgd_noise": "9. PSGD under gradient noise",
 }
 
 
