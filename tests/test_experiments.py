@@ -16,6 +16,7 @@ import os
 import numpy as np
 import pytest
 
+from psd_core.theory import psd_constants
 from psd_experiments import EXPERIMENTS
 from psd_experiments.__main__ import main
 from psd_experiments._common import read_csv
@@ -161,6 +162,27 @@ def test_episode_decrease_above_prediction(quick_run):
         )
         assert pred == pytest.approx(float(r["epsilon"]) ** 2 / 128 / _ell(r["problem"]), rel=1e-3)
         assert dec >= pred and r["success"] == "True"
+        # an episode is its perturbation plus at most T steps, not the whole descent
+        eps = float(r["epsilon"])
+        p = _problem(r["problem"])
+        assert int(r["steps"]) <= psd_constants(eps, p.ell, p.rho, dim=p.dim).episode_length + 1
+    # the perturbation is what clears the prediction: the same steps from the saddle
+    # without it stay below (this fails if an episode's decrease is only the descent)
+    controls = [r for r in rows if r["control_decrease"] not in ("", "nan")]
+    assert controls
+    for r in controls:
+        assert float(r["control_decrease"]) < float(r["predicted"]) <= float(r["decrease"])
+
+
+def _problem(name: str):
+    from psd_core import functions as F
+
+    kind, d = name.split("-")
+    if kind == "quartic":
+        return F.separable_quartic(int(d))
+    if kind == "coupled_quartic":
+        return F.coupled_quartic(int(d))
+    return F.gaussian_wells(int(d), 5 if d == "2" else 8, seed=0)
 
 
 def _ell(problem: str) -> float:
