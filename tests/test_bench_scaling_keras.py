@@ -27,7 +27,8 @@ def table_rows(text: str) -> list[list[str]]:
     rows = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and len(cells) > 2 and not set(cells[-1]) <= set("-:"):
+        separator = all(c and set(c) <= set("-:") for c in cells)
+        if line.startswith("| ") and len(cells) > 2 and not separator:
             rows.append(cells)
     return rows
 
