@@ -277,7 +277,8 @@ def _backend_version(backend: str) -> str:
     import importlib
 
     mod = importlib.import_module(backend)
-    return f"{backend} {mod.__version__}"
+    threads = f", {mod.get_num_threads()} threads" if backend == "torch" else ""
+    return f"{backend} {mod.__version__}{threads}"
 
 
 def print_backend(res: dict[str, Any], args: argparse.Namespace) -> None:
@@ -334,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mlp-batch", type=int, default=256)
     ap.add_argument("--mlp-batches", type=int, default=20, help="batches per fit epoch")
     ap.add_argument("--tf-xla", action="store_true", help="also TF jit_compile=True rows")
+    ap.add_argument("--torch-threads", type=int, help="torch backend: torch.set_num_threads")
     ap.add_argument("--skip-fit", action="store_true")
     ap.add_argument("--skip-optimizer", action="store_true")
     ap.add_argument("--json", action="store_true", help="(child) print one JSON result line")
@@ -342,6 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.backend:
         if os.environ.get("KERAS_BACKEND") != args.backend:
             raise SystemExit(f"--backend {args.backend} needs KERAS_BACKEND={args.backend}")
+        if args.backend == "torch" and args.torch_threads:
+            import torch
+
+            torch.set_num_threads(args.torch_threads)
         res = run_backend(args)
         if args.json:
             print("#RESULT " + json.dumps(res))

@@ -210,12 +210,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=float, default=3e8, help="parameter-steps per round")
     ap.add_argument("--min-steps", type=int, default=2)
     ap.add_argument("--max-steps", type=int, default=300)
+    ap.add_argument(
+        "--torch-threads", type=int, help="torch.set_num_threads (default: torch's choice)"
+    )
     ap.add_argument("--donate", action="store_true", help="Optax: donate params and state")
     ap.add_argument("--json-out", help="write the results as JSON")
     ap.add_argument("--json-in", help="plot/print results of an earlier --json-out run")
     ap.add_argument("--plot", help="write the cost-growth figure (PNG) here")
     args = ap.parse_args(argv)
 
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     if args.json_in:
         data = json.loads(Path(args.json_in).read_text())
     else:
@@ -258,7 +265,9 @@ def main(argv: list[str] | None = None) -> None:
         import jax
         import torch
 
-        data["versions"] = f"torch {torch.__version__}, jax {jax.__version__}"
+        data["versions"] = (
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}"
+        )
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(data, indent=1))
 
