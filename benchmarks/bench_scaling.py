@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
                         }
                     )
                 print(f"# {fw} {layout} {n:,} params done (load {load:.1f})", flush=True)
+                if args.json_out:  # partial results survive an interrupted run
+                    Path(args.json_out).write_text(json.dumps({**data, "points": points}))
         data["points"] = points
         import jax
         import torch
