@@ -172,6 +172,49 @@ def sq_norm_and_dot(
     return sq, dot
 
 
+def global_max_abs(
+    tensors: Sequence[Any], *, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The largest magnitude over all (global) tensors: local maxima, then a ``MAX``
+    all-reduce per ``(mesh, sharded dims)`` group; a plain 0-d tensor (NaN propagates)."""
+    import torch.distributed as dist
+
+    best = torch.zeros((), dtype=dtype, device=device)
+    for key, idx in _split(tensors).items():
+        locs = [_local(tensors[i]) for i in idx]
+        locs = [t for t in locs if t.numel() > 0]
+        if locs:
+            m = torch.stack(
+                [
+                    torch.linalg.vector_norm(t, float("inf")).to(device=device, dtype=dtype)
+                    for t in locs
+                ]
+            ).max()
+        else:
+            m = torch.zeros((), dtype=dtype, device=device)
+        if key is not None:
+            mesh, dims = key
+            m = m.clone()
+            for d in dims:
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=mesh.get_group(d))
+        best = torch.maximum(best, m)
+    return best
+
+
+def map_local(t: Any, fn: Any) -> Any:
+    """``fn`` applied to ``t`` (a plain tensor) or to its local shard (a DTensor, same layout)."""
+    if not is_dtensor(t):
+        return fn(t)
+    return DTensor.from_local(
+        fn(t.to_local()),
+        t.device_mesh,
+        t.placements,
+        run_check=False,
+        shape=t.shape,
+        stride=t.stride(),
+    )
+
+
 def shard_like(full: torch.Tensor, like: Any) -> Any:
     """``full`` (a plain tensor of ``like``'s global shape, the same on every rank) as a
     DTensor laid out like ``like``: each rank keeps its shard, without communication."""
