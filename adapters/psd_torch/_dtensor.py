@@ -25,6 +25,7 @@ The optimizers reach this module only through small hook calls marked
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -257,6 +258,22 @@ def _unpack(state_dict: dict[str, Any]) -> dict[str, Any]:
     return sd
 
 
+_DCP_MODULE = "torch.distributed.checkpoint"
+
+
+def _called_by_dcp(depth: int = 4) -> bool:
+    """Whether ``state_dict()`` was called from ``torch.distributed.checkpoint`` (its
+    ``get_optimizer_state_dict`` / ``get_state_dict``), looking a few frames up."""
+    f = sys._getframe(2)  # the caller of the decorated ``state_dict``
+    for _ in range(depth):
+        if f is None:
+            return False
+        if str(f.f_globals.get("__name__", "")).startswith(_DCP_MODULE):
+            return True
+        f = f.f_back
+    return False
+
+
 def dcp_compatible(cls: type | None = None, *, marker: bool = True) -> Any:
     """Class decorator: ``state_dict()`` loadable by ``torch.distributed.checkpoint``.
 
@@ -266,7 +283,11 @@ def dcp_compatible(cls: type | None = None, *, marker: bool = True) -> Any:
     trainable parameter (``strict``), and on an optimizer whose ``state`` is empty calls
     ``step(closure=None)`` with zero gradients (which would perturb the parameters with
     PSD, and raises with SAM_SPS). So, as ``torch.optim.LBFGS`` keeps its global state in
-    its first parameter's, the decorated ``state_dict()`` moves the optimizer-global
+    its first parameter's, the decorated ``state_dict()``, when called from
+    ``torch.distributed.checkpoint`` (only then: everywhere else it returns torch's plain
+    layout, the optimizer-global entries under their ``optimizer.state`` keys ``"psd"``,
+    ``"perturbed_adam"``, ``"generator"``, ``"sam_sps"``, where state-dict hooks see
+    them), moves the optimizer-global
     entries (the core's counters, the generator state, SAM_SPS's counters) into the first
     parameter's state under :data:`GLOBAL_KEY`, gives every parameter an entry, and
     ``state`` is never empty (a ``GLOBAL_KEY`` marker set by ``__init__``; ``marker=False``
@@ -287,7 +308,8 @@ def dcp_compatible(cls: type | None = None, *, marker: bool = True) -> Any:
 
     @functools.wraps(inner_sd)
     def state_dict(self: Any) -> dict[str, Any]:
-        return _pack(self, inner_sd(self))
+        sd = inner_sd(self)
+        return _pack(self, sd) if _called_by_dcp() else sd
 
     @functools.wraps(inner_load)
     def load_state_dict(self: Any, state_dict: dict[str, Any]) -> None:
