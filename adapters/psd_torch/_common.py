@@ -54,7 +54,9 @@ __all__ = [
     "check_same_across_groups",
     "first_param",
     "lr_scalar",
+    "real_view",
     "resolve_foreach",
+    "safe_norm_and_finite",
     "sq_norms",
 ]
 
@@ -216,6 +218,52 @@ def global_sq_norm(
         total = s if total is None else total + s
     assert total is not None
     return total
+
+
+def real_view(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its real ``(..., 2)`` view (shared storage), any other as is.
+
+    The optimizers run on these views, so that a complex parameter is the real vector
+    of its real and imaginary parts (contract C9; torch's built-in optimizers do the
+    same): norms are :math:`|x|^2`, inner products :math:`\\mathrm{Re}\\langle a, b\\rangle`,
+    the noise has independent :math:`N(0, 1)` real and imaginary parts and the
+    dimension counts 2 per complex scalar.
+    """
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def safe_norm_and_finite(
+    tensors: Sequence[torch.Tensor],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm, finite)``: the overflow-safe global 2-norm (0-d ``dtype``) and whether
+    every entry is finite (0-d bool) -- :func:`psd_core._array.tree_norm` and
+    :func:`psd_core._array.tree_all_finite` at torch speed.
+
+    Scaled by the largest magnitude :math:`s`: :math:`\\|x\\| = s\\sqrt{\\sum |x/s|^2}`, so a
+    finite gradient of 1e20 in float32 has a finite norm. Two passes over the data; the
+    optimizers call it only when the one-pass :func:`global_sq_norm` is not finite (read
+    with their existing host read), so the usual step pays nothing for it.
+    """
+    if _dt.any_dtensor(tensors):  # [dtensor hook] maxima and sums over the mesh
+        s = _dt.global_max_abs(tensors, device=device, dtype=dtype)
+    else:
+        maxes = [
+            torch.stack(torch._foreach_norm(ts, float("inf"))).to(device=device, dtype=dtype).max()
+            for (ts,) in group_by_device_dtype(tensors)
+        ]
+        s = torch.stack(maxes).max()
+    finite = torch.isfinite(s)
+    ok = finite & (s > 0)
+    safe = torch.where(ok, s, torch.ones_like(s))
+    scaled = [
+        _dt.map_local(t, lambda x: x.to(acc_dtype(x.dtype)) / safe.to(x.device)) for t in tensors
+    ]
+    norm = safe * global_sq_norm(scaled, device=device, dtype=dtype).sqrt()
+    norm = torch.where(ok, norm, torch.where(finite, torch.zeros_like(norm), s))
+    return norm, finite
 
 
 def foreach_add_(

@@ -25,6 +25,7 @@ The optimizers reach this module only through small hook calls marked
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -172,6 +173,49 @@ def sq_norm_and_dot(
     return sq, dot
 
 
+def global_max_abs(
+    tensors: Sequence[Any], *, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The largest magnitude over all (global) tensors: local maxima, then a ``MAX``
+    all-reduce per ``(mesh, sharded dims)`` group; a plain 0-d tensor (NaN propagates)."""
+    import torch.distributed as dist
+
+    best = torch.zeros((), dtype=dtype, device=device)
+    for key, idx in _split(tensors).items():
+        locs = [_local(tensors[i]) for i in idx]
+        locs = [t for t in locs if t.numel() > 0]
+        if locs:
+            m = torch.stack(
+                [
+                    torch.linalg.vector_norm(t, float("inf")).to(device=device, dtype=dtype)
+                    for t in locs
+                ]
+            ).max()
+        else:
+            m = torch.zeros((), dtype=dtype, device=device)
+        if key is not None:
+            mesh, dims = key
+            m = m.clone()
+            for d in dims:
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=mesh.get_group(d))
+        best = torch.maximum(best, m)
+    return best
+
+
+def map_local(t: Any, fn: Any) -> Any:
+    """``fn`` applied to ``t`` (a plain tensor) or to its local shard (a DTensor, same layout)."""
+    if not is_dtensor(t):
+        return fn(t)
+    return DTensor.from_local(
+        fn(t.to_local()),
+        t.device_mesh,
+        t.placements,
+        run_check=False,
+        shape=t.shape,
+        stride=t.stride(),
+    )
+
+
 def shard_like(full: torch.Tensor, like: Any) -> Any:
     """``full`` (a plain tensor of ``like``'s global shape, the same on every rank) as a
     DTensor laid out like ``like``: each rank keeps its shard, without communication."""
@@ -214,6 +258,22 @@ def _unpack(state_dict: dict[str, Any]) -> dict[str, Any]:
     return sd
 
 
+_DCP_MODULE = "torch.distributed.checkpoint"
+
+
+def _called_by_dcp(depth: int = 4) -> bool:
+    """Whether ``state_dict()`` was called from ``torch.distributed.checkpoint`` (its
+    ``get_optimizer_state_dict`` / ``get_state_dict``), looking a few frames up."""
+    f = sys._getframe(2)  # the caller of the decorated ``state_dict``
+    for _ in range(depth):
+        if f is None:
+            return False
+        if str(f.f_globals.get("__name__", "")).startswith(_DCP_MODULE):
+            return True
+        f = f.f_back
+    return False
+
+
 def dcp_compatible(cls: type | None = None, *, marker: bool = True) -> Any:
     """Class decorator: ``state_dict()`` loadable by ``torch.distributed.checkpoint``.
 
@@ -223,7 +283,11 @@ def dcp_compatible(cls: type | None = None, *, marker: bool = True) -> Any:
     trainable parameter (``strict``), and on an optimizer whose ``state`` is empty calls
     ``step(closure=None)`` with zero gradients (which would perturb the parameters with
     PSD, and raises with SAM_SPS). So, as ``torch.optim.LBFGS`` keeps its global state in
-    its first parameter's, the decorated ``state_dict()`` moves the optimizer-global
+    its first parameter's, the decorated ``state_dict()``, when called from
+    ``torch.distributed.checkpoint`` (only then: everywhere else it returns torch's plain
+    layout, the optimizer-global entries under their ``optimizer.state`` keys ``"psd"``,
+    ``"perturbed_adam"``, ``"generator"``, ``"sam_sps"``, where state-dict hooks see
+    them), moves the optimizer-global
     entries (the core's counters, the generator state, SAM_SPS's counters) into the first
     parameter's state under :data:`GLOBAL_KEY`, gives every parameter an entry, and
     ``state`` is never empty (a ``GLOBAL_KEY`` marker set by ``__init__``; ``marker=False``
@@ -244,7 +308,8 @@ def dcp_compatible(cls: type | None = None, *, marker: bool = True) -> Any:
 
     @functools.wraps(inner_sd)
     def state_dict(self: Any) -> dict[str, Any]:
-        return _pack(self, inner_sd(self))
+        sd = inner_sd(self)
+        return _pack(self, sd) if _called_by_dcp() else sd
 
     @functools.wraps(inner_load)
     def load_state_dict(self: Any, state_dict: dict[str, Any]) -> None:

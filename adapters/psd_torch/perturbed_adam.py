@@ -45,6 +45,7 @@ from psd_core.perturbation import (
 from ._common import (
     GeneratorStateMixin,
     NoiseFn,
+    acc_dtype,
     check_lr,
     check_params,
     check_same_across_groups,
@@ -54,7 +55,9 @@ from ._common import (
     group_by_device_dtype,
     host_values,
     lr_scalar,
+    real_view,
     resolve_foreach,
+    safe_norm_and_finite,
     sq_norms,
 )
 from ._dtensor import dcp_compatible  # [dtensor hook]
@@ -70,6 +73,13 @@ def _config_of(group: dict[str, Any], lr: Any) -> PerturbedAdamConfig:
     return perturbed_adam_config(
         lr, b1, b2, group["eps"], group["g_thres"], group["t_thres"], group["r"], group["noise"]
     )
+
+
+def _acc_copies(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``ts`` in their accumulation dtype (float32 copies of float16/bfloat16 tensors)."""
+    if ts and acc_dtype(ts[0].dtype) != ts[0].dtype:
+        return [t.to(acc_dtype(t.dtype)) for t in ts]
+    return ts
 
 
 # [dtensor hook] state_dict() loadable by torch.distributed.checkpoint
@@ -233,7 +243,10 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         foreach: bool,
     ) -> list[torch.Tensor]:
         """:func:`psd_core.perturbation.adam_direction` with one temporary per tensor
-        (tested against it): ``(m / bc1) / (sqrt(v / bc2) + eps)``."""
+        (tested against it): ``(m / bc1) / (sqrt(v / bc2) + eps)``, in the accumulation
+        dtype (float32 for float16/bfloat16 moments, where ``eps`` would round to 0 and a
+        zero moment would give 0/0; chunk-sized float32 copies)."""
+        mu, nu = _acc_copies(mu), _acc_copies(nu)
         den = PerturbedAdam._denominator(nu, bc2, eps, foreach)
         r1 = 1.0 / bc1
         if foreach:
@@ -257,7 +270,13 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         foreach: bool,
     ) -> None:
         """``p += step * d`` with ``d`` the direction of :meth:`_direction` (``step`` is the
-        core's step coefficient), fused as ``p += (step / bc1) * m / den``."""
+        core's step coefficient), fused as ``p += (step / bc1) * m / den``. For 16-bit
+        parameters the direction is computed in float32 and cast once when added."""
+        if params and acc_dtype(params[0].dtype) != params[0].dtype:
+            d = PerturbedAdam._direction(mu, nu, bc1, bc2, eps, foreach)
+            for p, di in zip(params, d):
+                p.add_((di * step).to(p.dtype))
+            return
         den = PerturbedAdam._denominator(nu, bc2, eps, foreach)
         value = step / bc1
         if isinstance(value, torch.Tensor):  # compiled step: a 0-d tensor coefficient
@@ -275,7 +294,7 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params, grads, gidx = [], [], []
+        params, grads, mu, nu, gidx = [], [], [], [], []
         for gi, group in enumerate(self.param_groups):
             n0 = len(grads)
             for p in group["params"]:
@@ -287,8 +306,11 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
                 if len(st) == 0:
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
+                # complex: Adam on the real (..., 2) views, as torch.optim.Adam (C9)
+                params.append(real_view(p))
+                grads.append(real_view(p.grad))
+                mu.append(real_view(st["exp_avg"]))
+                nu.append(real_view(st["exp_avg_sq"]))
                 gidx.append(gi)
             if group["maximize"] and len(grads) > n0:  # ascend: Adam on -g (as torch.optim.Adam)
                 grads[n0:] = list(torch._foreach_neg(grads[n0:]))
@@ -299,8 +321,6 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         foreach = resolve_foreach(group0["foreach"])
         sc = self._scalars(params[0])
         dev = sc["count"].device
-        mu = [self.state[p]["exp_avg"] for p in params]
-        nu = [self.state[p]["exp_avg_sq"] for p in params]
         state = PerturbedAdamState(mu=mu, nu=nu, **sc)
         dim = sum(int(p.numel()) for p in params)
         groups_used = sorted(set(gidx))
@@ -321,10 +341,17 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         else:
             fin, *bc_h = host_values(torch.isfinite(g2), *bcs)
         bc = {gi: (bc_h[2 * k], bc_h[2 * k + 1]) for k, gi in enumerate(groups_used)}
+        # The skip rests on the gradient's finiteness alone (contract C4). The exact check
+        # (``tree_all_finite``) runs only when the one-pass squared norm is not finite (a
+        # NaN/inf entry, or a finite gradient whose square overflows, e.g. 1e20 in float32).
+        fin_t = torch.ones((), dtype=torch.bool, device=dev)
+        if not fin:
+            _, fin_t = safe_norm_and_finite(grads, device=dev, dtype=g2.dtype)
+            (fin,) = host_values(fin_t)
         if not fin:
             # Skip: the core counts it (the step norm is irrelevant when the gradient is not finite).
             _, new = perturbed_adam_coefficients(
-                g2, g2, state, cfg, dim=dim, noise_sq_norm=g2, uniform=g2
+                g2, g2, state, cfg, dim=dim, noise_sq_norm=g2, uniform=g2, finite=fin_t
             )
             self._store(new)
             return loss
@@ -370,6 +397,7 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
                 noise_sq_norm=one,  # placeholder: only the noise coefficient depends on the draws
                 uniform=one,
                 learning_rate=lr_scalar(self.param_groups[gi]["lr"]),
+                finite=fin_t,
             )
             coeffs[gi] = c
             new_state = s if new_state is None else new_state
@@ -385,9 +413,7 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
             step_coef = dict(zip(groups_used, vals[3:]))
         finite, perturb, noise_coef = bool(vals[0]), bool(vals[1]), vals[2]
         self._store(new_state)
-        if not finite:
-            # The Adam step overflowed although the gradient is finite (e.g. fp16 moments):
-            # the parameters are not touched; unlike the core, the moments already moved.
+        if not finite:  # not reached: ``fin_t`` is true here (kept as a guard)
             return loss
         if perturb:
             normals, uniform = self._draw(params, cfg.noise == "ball")
@@ -402,6 +428,7 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
                     noise_sq_norm=nsq,
                     uniform=uniform,
                     learning_rate=lr0,
+                    finite=fin_t,
                 )
                 noise_coef = host_values(c_real.noise)[0]
             for bp, bz, bm, bv in group_by_device_dtype(params, normals, mu, nu):

@@ -51,7 +51,9 @@ from ._common import (
     group_by_device_dtype,
     host_values,
     lr_scalar,
+    real_view,
     resolve_foreach,
+    safe_norm_and_finite,
 )
 from ._dtensor import dcp_compatible  # [dtensor hook]
 
@@ -334,8 +336,8 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("PSD does not support sparse gradients")
-                params.append(p)
-                grads.append(p.grad)
+                params.append(real_view(p))  # complex: the real (..., 2) view (C9)
+                grads.append(real_view(p.grad))
                 group_index.append(gi)
         return params, grads, group_index
 
@@ -407,7 +409,13 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
             state = psd_init(params[0], cfg, acc_dtype=tree_acc_dtype(grads))
         dev = state.count.device
         g2 = global_sq_norm(grads, foreach=fe, device=dev)
+        # 2 per complex scalar: ``params`` holds the real views of complex parameters.
         dim = sum(int(p.numel()) for p in params)
+        # The exact finiteness of the gradient (``tree_all_finite``), computed only when
+        # the one-pass squared norm is not finite (a NaN/inf entry, or a finite gradient
+        # whose square overflows, e.g. 1e20 in float32): one extra pass and host read on
+        # that rare step only.
+        fin_t: torch.Tensor | None = None
 
         saddle = None
         if group0["curvature"] is not None:
@@ -415,6 +423,10 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
                 raise RuntimeError("PSD(curvature=...) needs step(closure) to probe the curvature")
             gate = psd_gate(g2, state, cfg)
             fin, opn = host_values(gate.finite, gate.open)
+            if not fin:
+                _, fin_t = safe_norm_and_finite(grads, device=dev, dtype=g2.dtype)
+                gate = psd_gate(g2, state, cfg, finite=fin_t)
+                fin, opn = host_values(gate.finite, gate.open)
             if fin and opn:
                 saddle = self._saddle_test(closure, params, grads)
             else:
@@ -422,28 +434,36 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
 
         one = torch.ones((), dtype=g2.dtype, device=dev)
         groups_used = sorted(set(group_index))
-        coeffs = {}
-        new_state = None
-        for gi in groups_used:
-            group = self.param_groups[gi]
-            c, s = psd_coefficients(
-                g2,
-                state,
-                self._group_config(group),
-                dim=dim,
-                noise_sq_norm=one,  # placeholder: only the noise coefficient depends on the draws
-                uniform=one,
-                saddle=saddle,
-                learning_rate=lr_scalar(group["lr"]),
+
+        def coefficients(finite: torch.Tensor | None) -> tuple[Any, list[float]]:
+            coeffs, new_state = {}, None
+            for gi in groups_used:
+                group = self.param_groups[gi]
+                c, s = psd_coefficients(
+                    g2,
+                    state,
+                    self._group_config(group),
+                    dim=dim,
+                    noise_sq_norm=one,  # placeholder: only the noise coefficient depends on the draws
+                    uniform=one,
+                    saddle=saddle,
+                    learning_rate=lr_scalar(group["lr"]),
+                    finite=finite,
+                )
+                coeffs[gi] = c
+                if new_state is None:
+                    new_state = s
+            c0 = coeffs[groups_used[0]]
+            vals = host_values(
+                c0.finite, c0.perturb, c0.noise, *[coeffs[gi].grad for gi in groups_used]
             )
-            coeffs[gi] = c
-            if new_state is None:
-                new_state = s
+            return new_state, vals
+
+        new_state, vals = coefficients(fin_t)
+        if not vals[0] and fin_t is None:  # rare: overflow or a non-finite gradient
+            _, fin_t = safe_norm_and_finite(grads, device=dev, dtype=g2.dtype)
+            new_state, vals = coefficients(fin_t)
         assert new_state is not None
-        c0 = coeffs[groups_used[0]]
-        vals = host_values(
-            c0.finite, c0.perturb, c0.noise, *[coeffs[gi].grad for gi in groups_used]
-        )
         finite, perturb, noise_coef = bool(vals[0]), bool(vals[1]), vals[2]
         grad_coef = dict(zip(groups_used, vals[3:]))
         self._set_psd_state(new_state)
@@ -464,6 +484,7 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
                     uniform=uniform,
                     saddle=saddle,
                     learning_rate=lr_scalar(self.param_groups[groups_used[0]]["lr"]),
+                    finite=fin_t,
                 )
                 noise_coef = host_values(c_real.noise)[0]
 
@@ -484,35 +505,4 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
                     foreach_add_(bp, bz, noise_coef, foreach=fe)
                 if a != 0.0:
                     foreach_add_(bp, bg, a, foreach=fe)
-        return loss  # skipped: parameters untouched, the core counted it
-
-        normals = None
-        if perturb:
-            normals, uniform = self._draw(params, cfg.noise == "ball")
-            if cfg.noise == "ball":
-                nsq = global_sq_norm(normals, foreach=self._foreach, device=dev)
-                c_real, _ = psd_coefficients(
-                    g2,
-                    state,
-                    cfg,
-                    dim=dim,
-                    noise_sq_norm=nsq,
-                    uniform=uniform,
-                    saddle=saddle,
-                    learning_rate=self.param_groups[groups_used[0]]["lr"],
-                )
-                noise_coef = host_values(c_real.noise)[0]
-
-        for gi in groups_used:
-            idx = [i for i, g in enumerate(group_index) if g == gi]
-            ps = [params[i] for i in idx]
-            gs = [grads[i] for i in idx]
-            zs = [normals[i] for i in idx] if normals is not None else ps
-            a = grad_coef[gi]
-            for bp, bg, bz in group_by_device_dtype(ps, gs, zs):
-                # Noise first, then the gradient step (PSDTorch's order for step_on_perturb).
-                if normals is not None and noise_coef != 0.0:
-                    foreach_add_(bp, bz, noise_coef, foreach=self._foreach)
-                if a != 0.0:
-                    foreach_add_(bp, bg, a, foreach=self._foreach)
         return loss

@@ -82,11 +82,14 @@ from psd_core.validation import check_choice, check_int
 
 from . import _sam_helpers as H
 from ._common import (
+    acc_dtype,
     check_same_across_groups,
     chunked,
     first_param,
     global_sq_norm,
     group_by_device_dtype,
+    real_view,
+    safe_norm_and_finite,
 )
 from ._dtensor import dcp_compatible  # [dtensor hook]
 
@@ -408,8 +411,22 @@ class SAM_SPS(torch.optim.Optimizer):
             for p in ps:
                 if p.grad.is_sparse:
                     raise RuntimeError("SAM_SPS does not support sparse gradients")
-            out.append((group, ps, [p.grad for p in ps]))
+            out.append((group, ps, [real_view(p.grad) for p in ps]))
         return out
+
+    @staticmethod
+    def _norm_and_finite(
+        grads: list[torch.Tensor], g2: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(||g|| or None, finite)`` for the core: when the one-pass squared norm is not
+        finite on CPU (where reading it is free), the overflow-safe norm and the exact
+        finiteness (:func:`._common.safe_norm_and_finite`), so that a finite gradient of
+        1e20 in float32 is not skipped. On other devices the step stays free of host
+        reads and the one-pass check decides (a squared norm that overflows skips)."""
+        ok = torch.isfinite(g2)
+        if g2.device.type == "cpu" and not bool(ok):
+            return safe_norm_and_finite(grads, device=g2.device, dtype=g2.dtype)
+        return None, ok
 
     @property
     def _key(self) -> str:
@@ -477,10 +494,10 @@ class SAM_SPS(torch.optim.Optimizer):
         g2 = global_sq_norm(grads, foreach=self.foreach, device=anchor.device, dtype=acc)
         # ||g|| of the first pass (sam_sps's ``grad_norm`` attribute; 0-d, no host read;
         # 0 when not finite: nothing non-finite is written to the state).
-        gn = g2.sqrt().clamp_min(1e-12)
+        gnorm, ok = self._norm_and_finite(grads, g2)
+        gn = (g2.sqrt() if gnorm is None else gnorm).clamp_min(1e-12)
         gn = torch.where(torch.isfinite(gn), gn, torch.zeros_like(gn))
         self.state[_KEY] = {**self._counters, "grad_norm": gn}
-        ok = torch.isfinite(g2)
         if loss is not None:
             ok = ok & torch.isfinite(self._loss_scalar(loss, like))
         if found is not None:
@@ -491,7 +508,7 @@ class SAM_SPS(torch.optim.Optimizer):
                 raise ValueError(
                     "loss: first_step() needs the loss on a non-perturbing step (interval > 1)"
                 )
-            self._plain_step(lists, self._loss_scalar(loss, like), g2, ok)
+            self._plain_step(lists, self._loss_scalar(loss, like), g2, ok, gnorm)
             self._advance_calls()
             self._fire_post_hooks()
             return False
@@ -499,13 +516,28 @@ class SAM_SPS(torch.optim.Optimizer):
         for group, ps, gs in lists:
             if not ps:
                 continue
-            c = sam_perturbation_scale(g2, group["rho"], group["lambd"])
+            # c = rho (1 - lambda + lambda / ||g||) in the accumulation dtype (C3)
+            c = sam_perturbation_scale(g2, group["rho"], group["lambd"], grad_norm=gnorm)
             c = torch.where(ok, c, torch.zeros_like(c))
-            bufs = self._buffers(ps)
-            for bp, bb, bg in group_by_device_dtype(ps, bufs, gs):
+            bufs = [real_view(b) for b in self._buffers(ps)]
+            rps = [real_view(p) for p in ps]
+            for bp, bb, bg in group_by_device_dtype(rps, bufs, gs):
                 d, dt = bp[0].device, bp[0].dtype
-                c_d = c.to(device=d, dtype=dt)
                 H.sanitize_(bg, ok.to(device=d))  # these gradients are discarded next
+                if acc_dtype(dt) != dt:
+                    # float16/bfloat16: the offset c g in float32, cast once (c itself may
+                    # exceed the 16-bit range when ||g|| < rho / 65504; issue 11, bug 4)
+                    c_a = c.to(device=d, dtype=acc_dtype(dt))
+                    for cp, cb, cg in chunked(bp, bb, bg):
+                        off = [(g.to(c_a.dtype) * c_a).to(dt) for g in cg]
+                        if self.restore == "copy":
+                            H.copy_(cb, cp, self.foreach)  # save x
+                            H.add_(cp, off, self.foreach)  # x -> e
+                        else:
+                            H.copy_(cb, off, self.foreach)  # offset c g
+                            H.add_(cp, cb, self.foreach)  # x -> e
+                    continue
+                c_d = c.to(device=d, dtype=dt)
                 # Chunk by chunk, so that each chunk is still in cache for its second op.
                 for cp, cb, cg in chunked(bp, bb, bg):
                     if self.restore == "copy":
@@ -542,8 +574,8 @@ class SAM_SPS(torch.optim.Optimizer):
         if loss is None:  # move back to x before refusing (no half-done step)
             for _, ps in pending["params"]:
                 if ps:
-                    bufs = [self.state[p][self._key] for p in ps]
-                    for bp, bb in group_by_device_dtype(ps, bufs):
+                    bufs = [real_view(self.state[p][self._key]) for p in ps]
+                    for bp, bb in group_by_device_dtype([real_view(p) for p in ps], bufs):
                         self._restore_(bp, bb)
             self._loss_scalar(None, self._anchor())  # raises ValueError naming the loss
         anchor = self._anchor()
@@ -560,7 +592,11 @@ class SAM_SPS(torch.optim.Optimizer):
         all_x: list[torch.Tensor] = []
         for group, ps in pending["params"]:
             bufs = [self.state[p][self._key] for p in ps]
-            with_g = [(p, b, p.grad) for p, b in zip(ps, bufs) if p.grad is not None]
+            with_g = [
+                (real_view(p), real_view(b), real_view(p.grad))
+                for p, b in zip(ps, bufs)
+                if p.grad is not None
+            ]
             per_group.append((group, ps, bufs, with_g))
             all_ge.extend(g for _, _, g in with_g)
             all_e.extend(p for p, _, _ in with_g)
@@ -574,6 +610,9 @@ class SAM_SPS(torch.optim.Optimizer):
             ge2 = torch.full((), float("nan"), dtype=acc, device=dev)
             inner = torch.zeros((), dtype=acc, device=dev)
         loss_e = self._loss_scalar(loss, like)
+        ge_norm, ge_fin = (None, None)
+        if all_ge:
+            ge_norm, ge_fin = self._norm_and_finite(all_ge, ge2)
         ok1 = pending["ok"]
         world = self._world()
         if world > 1:
@@ -588,12 +627,14 @@ class SAM_SPS(torch.optim.Optimizer):
         for group, ps, bufs, with_g in per_group:
             cfg = self._config(group)
             if cfg not in cache:
-                cache[cfg] = sam_sps_coefficients(loss_e, ge2, inner, cfg, extra_finite=ok1)
+                cache[cfg] = sam_sps_coefficients(
+                    loss_e, ge2, inner, cfg, extra_finite=ok1, grad_e_norm=ge_norm, finite=ge_fin
+                )
             co = cache[cfg]
             first = co if first is None else first
             group["lr"] = co.step_size
             if len(with_g) < len(ps):  # perturbed without a gradient now: only moved back
-                gone = [(p, b) for p, b in zip(ps, bufs) if p.grad is None]
+                gone = [(real_view(p), real_view(b)) for p, b in zip(ps, bufs) if p.grad is None]
                 for bp, bb in group_by_device_dtype(*map(list, zip(*gone))):
                     self._restore_(bp, bb)
             if with_g:
@@ -681,8 +722,10 @@ class SAM_SPS(torch.optim.Optimizer):
         loss_x: torch.Tensor,
         g2: torch.Tensor,
         ok: torch.Tensor,
+        gnorm: torch.Tensor | None = None,
     ) -> None:
-        """SPS_max step at ``x`` (inner product 0) on a non-perturbing step."""
+        """SPS_max step at ``x`` (inner product 0) on a non-perturbing step (``gnorm``:
+        the overflow-safe ``||g||`` when the squared norm overflowed)."""
         world = self._world()
         acc = g2.dtype
         if world > 1:
@@ -695,12 +738,14 @@ class SAM_SPS(torch.optim.Optimizer):
         for group, ps, gs in lists:
             cfg = self._config(group)
             if cfg not in cache:
-                cache[cfg] = sam_sps_coefficients(loss_x, g2, inner, cfg, extra_finite=ok)
+                cache[cfg] = sam_sps_coefficients(
+                    loss_x, g2, inner, cfg, extra_finite=ok, grad_e_norm=gnorm, finite=ok
+                )
             co = cache[cfg]
             first = co if first is None else first
             group["lr"] = co.step_size
             if ps:
-                self._descend(ps, gs, co, cfg)
+                self._descend([real_view(p) for p in ps], gs, co, cfg)
         assert first is not None
         self._finish(first.finite)
 

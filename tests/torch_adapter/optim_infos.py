@@ -199,10 +199,6 @@ _LR_IS_OUTPUT = (
     "SAM_SPS's lr is its output (the Polyak step size, rewritten every step), not a "
     "hyperparameter: lr schedules and per-group lr do not apply"
 )
-_COMPLEX = (
-    "complex parameters need the core's complex support (contract C9, branch h-core-num): "
-    "real inner product and complex noise"
-)
 EXCLUDED: dict[tuple[str, str], str] = {
     ("PSD", "test_step_is_noop_for_zero_grads"): (
         "PSD moves at a zero gradient by design: a zero gradient opens the gate and the "
@@ -220,11 +216,8 @@ EXCLUDED: dict[tuple[str, str], str] = {
         "each pass), so the caller's gradients are replaced by design"
     ),
 }
-XFAIL: dict[tuple[str, str], str] = {
-    (name, test): _COMPLEX
-    for name in ("PSD", "PerturbedAdam", "SAM_SPS")
-    for test in ("test_complex", "test_complex_2d")
-}
+XFAIL: dict[tuple[str, str], str] = {}
+"""Expected failures (strict xfail), with the reason; none since the core's complex support."""
 
 
 def cases(test_name: str) -> list:
