@@ -65,7 +65,12 @@ def test_huge_finite_gradient_is_applied_like_sgd_and_adam(dtype):
     assert np.all(np.isfinite(_np(v)))
     assert int(_np(pa._state["skipped"])) == 0 and int(_np(pa._state["count"])) == 3
     if dtype == "float32":
-        np.testing.assert_allclose(_np(v), _np(w), rtol=RTOL[dtype], atol=1e-6)
+        # where v = g^2 overflows Keras's Adam gives 0 (torch, TF) or NaN (JAX): compare
+        # where it is finite (always the moderate entry)
+        ref = _np(w)
+        ok = np.isfinite(ref)
+        assert ok[3]
+        np.testing.assert_allclose(_np(v)[ok], ref[ok], rtol=RTOL[dtype], atol=1e-6)
     else:
         ref = perturbed_adam_reference(
             [[g0]] * 3,
