@@ -207,8 +207,14 @@ def polyak_step_size(
         ok_den = xp.isfinite(grad_sq_norm)
     else:
         n = xp.maximum(as_scalar(grad_norm, like), as_scalar(math.sqrt(NORM_FLOOR), like))
-        ratio = (num / n) / n
-        ok_den = xp.isfinite(n)
+        # The select between the two divisions keeps XLA's algebraic simplifier from
+        # rewriting (num / n) / n as num / (n * n), which overflows under jax.jit /
+        # jit_compile (a non-finite num / n gives 0 either way: ``ok`` below).
+        part = num / n
+        part = xp.where(xp.isfinite(part), part, xp.zeros_like(part))
+        ratio = part / n
+        ok_num = xp.isfinite(num)
+        ok_den = xp.isfinite(n) & ok_num
     step = xp.minimum(ratio, as_scalar(gamma_b, like))
     ok = xp.isfinite(step) & ok_den
     return xp.where(ok, step, xp.zeros_like(step))

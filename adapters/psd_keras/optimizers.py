@@ -73,13 +73,14 @@ def _enable_grad() -> Any:
 
 
 def _int_dtype() -> str:
-    """dtype of the integer state: int64 (as the core's counters, contract C1) except on
-    JAX without ``jax_enable_x64``, where the core's counters are int32 and saturate."""
-    if _BACKEND == "jax":
-        import jax
+    """Keras's name of the integer state's dtype: the core's counter dtype
+    (:func:`psd_core._array.count_dtype`, contract C1) on this backend's namespace,
+    i.e. int64, except on JAX without ``jax_enable_x64``, where it is int32 (the
+    counters then saturate at 2**31 - 1)."""
+    from psd_core._array import count_dtype, namespace
 
-        return "int64" if jax.config.jax_enable_x64 else "int32"
-    return "int64"
+    probe = _read(ops.zeros((), "float32"))
+    return keras.backend.standardize_dtype(count_dtype(namespace(probe)))
 
 
 def _rename(exc: Exception, pairs: tuple[tuple[str, str], ...]) -> Exception:

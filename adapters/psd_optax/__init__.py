@@ -15,6 +15,18 @@ draws noise with ``jax.random`` only on perturbing steps (``jax.lax.cond``) and
 returns optax updates. :func:`update_and_apply` is the fused step (update and
 apply in one, noise added by an in-place ``lax.while_loop``). Everything is
 jit-able, vmap-able and works with sharded parameters. See ``docs/guides/optax.md``.
+
+Precision (the core's): non-finite steps are decided by ``tree_all_finite`` of the
+gradient (a finite 1e20 in float32 is applied), and the Adam direction and SAM-SPS's
+offset and step are computed in the accumulation dtype (float32 for float16/bfloat16
+parameters) and cast once.
+
+Complex parameters follow Optax's convention: pass the *conjugate* of ``jax.grad``
+(``optax.tree.conj(grads)``, as Optax's own tests do; JAX's gradient of a real
+function of complex ``w`` is the conjugate of torch's), and have ``sam_sps``'s
+``value_and_grad_fn`` return conjugated gradients too. Then every transformation
+equals the same problem on the real pairs ``[re, im]``
+(``tests/optax_adapter/test_optax_precision.py``).
 """
 
 from __future__ import annotations

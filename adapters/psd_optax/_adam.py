@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from psd_core import perturbation as core
-from psd_core._array import tree_select, tree_size, tree_sq_norm
+from psd_core._array import tree_all_finite, tree_select, tree_size, tree_sq_norm
 
 from ._common import (
     NoiseFn,
@@ -53,6 +53,12 @@ def _as_psd_coeffs(c: core.AdamCoefficients) -> core.PSDCoefficients:
     # The core's generic applier computes where(finite, a * d + b * z, 0): with
     # a = c.step on the Adam direction d this is exactly the PerturbedAdam update.
     return core.PSDCoefficients(grad=c.step, noise=c.noise, finite=c.finite, perturb=c.perturb)
+
+
+def _cast_like(updates: list[jax.Array], leaves: list[jax.Array]) -> list[jax.Array]:
+    """The updates (computed in the accumulation dtype from the Adam direction) cast
+    once to the gradient leaves' dtypes, as the core's vector layer does."""
+    return [u.astype(g.dtype) if u.dtype != g.dtype else u for u, g in zip(updates, leaves)]
 
 
 def perturbed_adam(
@@ -155,13 +161,16 @@ def perturbed_adam(
         )
         dim = tree_size(leaves)
         g2 = tree_sq_norm(leaves)
+        # Contract C4: the skip is decided by the gradient's finiteness alone.
+        finite = tree_all_finite(leaves)
         mu1, nu1 = core.adam_moments(leaves, mu, nu, cfg.b1, cfg.b2)
         bc1, bc2 = core.adam_bias_corrections(state.count + 1, cfg.b1, cfg.b2, g2)
-        direction = core.adam_direction(mu1, nu1, bc1, bc2, cfg.eps)
+        # In the accumulation dtype (float32 for 16-bit parameters, contract C3).
+        direction = core.adam_direction(mu1, nu1, bc1, bc2, cfg.eps, eps_mode=cfg.eps_mode)
         s2 = tree_sq_norm(direction)
         one = jnp.ones_like(s2)
         probe, new = core.perturbed_adam_coefficients(
-            s2, g2, cstate, cfg, dim=dim, noise_sq_norm=one, uniform=one
+            s2, g2, cstate, cfg, dim=dim, noise_sq_norm=one, uniform=one, finite=finite
         )
 
         def coefficients(nsq: jax.Array, uniform: jax.Array) -> core.AdamCoefficients:
@@ -173,6 +182,7 @@ def perturbed_adam(
                 dim=dim,
                 noise_sq_norm=nsq if cfg.noise == "ball" else None,
                 uniform=uniform,
+                finite=finite,
             )[0]
 
         # Moments as in the core's vector layer: new ones on a plain finite step,
@@ -210,7 +220,7 @@ def perturbed_adam(
             probe.perturb, state.key, leaves, s2, noise_fn
         )
         coeffs = coefficients(noise_sq_norm, uniform)
-        upd = core.psd_updates(_as_psd_coeffs(coeffs), direction, normals)
+        upd = _cast_like(core.psd_updates(_as_psd_coeffs(coeffs), direction, normals), leaves)
         return jax.tree_util.tree_unflatten(treedef, upd), new_state(treedef, new, m, v, key)
 
     def fused_apply(
@@ -222,11 +232,12 @@ def perturbed_adam(
         del extra_args
         leaves, treedef, direction, s2, probe, coefficients, new, m, v = prologue(updates, state)
         p = treedef.flatten_up_to(params)
-        p = optax.apply_updates(p, core.psd_updates(_as_psd_coeffs(probe), direction, None))
+        step = core.psd_updates(_as_psd_coeffs(probe), direction, None)
+        p = optax.apply_updates(p, _cast_like(step, leaves))
 
         def add_noise(p: list, normals: list, nsq: jax.Array, u: jax.Array) -> Any:
             c = _as_psd_coeffs(coefficients(nsq, u))
-            return optax.apply_updates(p, core.psd_updates(c, None, normals))
+            return optax.apply_updates(p, _cast_like(core.psd_updates(c, None, normals), leaves))
 
         p, key = noise_if(probe.perturb, state.key, p, leaves, s2, noise_fn, add_noise)
         return jax.tree_util.tree_unflatten(treedef, p), new_state(treedef, new, m, v, key)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from psd_core import perturbation as core
-from psd_core._array import tree_acc_dtype, tree_size, tree_sq_norm
+from psd_core._array import tree_acc_dtype, tree_all_finite, tree_size, tree_sq_norm
 from psd_core.theory import psd_constants
 
 from ._common import (
@@ -74,9 +74,13 @@ def _psd_update_fn(cfg_fn: Any, noise_fn: NoiseFn) -> Any:
         cfg = cfg_fn(leaves)
         cstate = _to_core(state)
         g2 = tree_sq_norm(leaves)
-        return leaves, treedef, cfg, tree_size(leaves), cstate, g2
+        # The skip rests on the gradient's finiteness, not on its squared norm (which
+        # overflows for a finite 1e20 in float32): contract C2.
+        finite = tree_all_finite(leaves)
+        return leaves, treedef, cfg, tree_size(leaves), cstate, (g2, finite)
 
-    def coefficients(g2: Any, cstate: Any, cfg: Any, dim: int, nsq: Any, uniform: Any) -> Any:
+    def coefficients(g: Any, cstate: Any, cfg: Any, dim: int, nsq: Any, uniform: Any) -> Any:
+        g2, finite = g
         return core.psd_coefficients(
             g2,
             cstate,
@@ -84,6 +88,7 @@ def _psd_update_fn(cfg_fn: Any, noise_fn: NoiseFn) -> Any:
             dim=dim,
             noise_sq_norm=nsq if cfg.noise == "ball" else None,
             uniform=uniform,
+            finite=finite,
         )
 
     def update_fn(
@@ -93,10 +98,12 @@ def _psd_update_fn(cfg_fn: Any, noise_fn: NoiseFn) -> Any:
         **extra_args: Any,
     ) -> tuple[optax.Updates, PSDState]:
         del params, extra_args  # e.g. value=loss from optax.chain(..., polyak_sgd)
-        leaves, treedef, cfg, dim, cstate, g2 = prologue(updates, state)
-        gate = core.psd_gate(g2, cstate, cfg)
-        normals, noise_sq_norm, uniform, key = draws_if(gate.open, state.key, leaves, g2, noise_fn)
-        coeffs, new_state = coefficients(g2, cstate, cfg, dim, noise_sq_norm, uniform)
+        leaves, treedef, cfg, dim, cstate, g = prologue(updates, state)
+        gate = core.psd_gate(g[0], cstate, cfg, finite=g[1])
+        normals, noise_sq_norm, uniform, key = draws_if(
+            gate.open, state.key, leaves, g[0], noise_fn
+        )
+        coeffs, new_state = coefficients(g, cstate, cfg, dim, noise_sq_norm, uniform)
         new_leaves = core.psd_updates(coeffs, leaves, normals)
         return jax.tree_util.tree_unflatten(treedef, new_leaves), _from_core(new_state, key)
 
@@ -104,16 +111,17 @@ def _psd_update_fn(cfg_fn: Any, noise_fn: NoiseFn) -> Any:
         updates: optax.Updates, state: PSDState, params: optax.Params, **extra_args: Any
     ) -> tuple[optax.Params, PSDState]:
         del extra_args
-        leaves, treedef, cfg, dim, cstate, g2 = prologue(updates, state)
+        leaves, treedef, cfg, dim, cstate, g = prologue(updates, state)
+        g2 = g[0]
         p_leaves = treedef.flatten_up_to(params)
         # The state and the gradient coefficient do not depend on the draws (only
         # the noise coefficient does): ask the core with placeholder statistics.
         one = jnp.ones_like(g2)
-        coeffs, new_state = coefficients(g2, cstate, cfg, dim, one, one)
+        coeffs, new_state = coefficients(g, cstate, cfg, dim, one, one)
         p_leaves = optax.apply_updates(p_leaves, core.psd_updates(coeffs, leaves, None))
 
         def add_noise(p: list[jax.Array], normals: list[jax.Array], nsq: Any, u: Any) -> Any:
-            c, _ = coefficients(g2, cstate, cfg, dim, nsq, u)
+            c, _ = coefficients(g, cstate, cfg, dim, nsq, u)
             return optax.apply_updates(p, core.psd_updates(c, None, normals))
 
         p_leaves, key = noise_if(

@@ -207,19 +207,6 @@ LARGE_SCRIPT = textwrap.dedent(
 )
 
 
-def _core_has_int64_counters():
-    """Contract C1 (h-core-num): int64 counters where the backend has them."""
-    from psd_core import perturbation
-
-    cfg = perturbation.psd_config(0.1, 1.0, 0.1)
-    return perturbation.psd_init(np.zeros(()), cfg).count.dtype == np.int64
-
-
-@pytest.mark.xfail(
-    not _core_has_int64_counters(),
-    reason="needs the core's int64 / saturating counters (contract C1, h-core-num)",
-    strict=True,
-)
 @pytest.mark.parametrize("x64", ["1", "0"], ids=["x64", "no-x64"])
 def test_large_integer_hyperparameters(x64):
     """Item 10 (contract C1): ints beyond int32 are accepted at construction and work at

@@ -95,7 +95,7 @@ def test_sharded_params_and_batch_match_single_device():
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     out = subprocess.run(
-        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=900
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SHARDING-OK" in out.stdout
