@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import sam_sps_reference
 
 from psd_torch import PSD, SAM_SPS, PerturbedAdam
-from reference import sam_sps_reference
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # relative resolution of each dtype (tolerances are a few of these)
@@ -122,7 +122,11 @@ def test_sam_sps_huge_finite_gradient_not_skipped(dtype):
         opt.step(closure)
     assert int(opt.skipped) == 0 and int(opt.steps) == 2
     ref = sam_sps_reference(
-        _value_and_grad_np(a.double().numpy()), [x0.double().numpy()], steps=2, rho=0.1, gamma_b=10.0
+        _value_and_grad_np(a.double().numpy()),
+        [x0.double().numpy()],
+        steps=2,
+        rho=0.1,
+        gamma_b=10.0,
     )
     want = torch.from_numpy(ref[-1]["params"][0])
     torch.testing.assert_close(p.detach().double(), want, rtol=8 * EPS[dtype], atol=8 * EPS[dtype])
