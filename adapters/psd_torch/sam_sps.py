@@ -421,10 +421,12 @@ class SAM_SPS(torch.optim.Optimizer):
         """``(||g|| or None, finite)`` for the core: when the one-pass squared norm is not
         finite on CPU (where reading it is free), the overflow-safe norm and the exact
         finiteness (:func:`._common.safe_norm_and_finite`), so that a finite gradient of
-        1e20 in float32 is not skipped. On other devices the step stays free of host
-        reads and the one-pass check decides (a squared norm that overflows skips)."""
+        1e20 in float32 is not skipped. On other devices and under ``torch.compile`` the
+        step stays free of host reads and the one-pass check decides (a squared norm that
+        overflows skips)."""
         ok = torch.isfinite(g2)
-        if g2.device.type == "cpu" and not bool(ok):
+        cpu_eager = g2.device.type == "cpu" and not torch.compiler.is_compiling()
+        if cpu_eager and not bool(ok):
             return safe_norm_and_finite(grads, device=g2.device, dtype=g2.dtype)
         return None, ok
 
