@@ -108,7 +108,8 @@ def test_sam_sps_with_fixed_rho_stalls_at_the_predicted_level() -> None:
         final = res.history["value"][-1]
         assert final <= rho**2 * p.L / 2
         assert final > 1e-3 * rho**2 * p.mu  # it does stall: well above USAM's 1e-10
-        assert res.history["step_size"][-2] == 0.0
+        # the step size is 0 up to float64 rounding of the numerator (a few ulps of f)
+        assert res.history["step_size"][-2] <= 1e-12
 
 
 def test_non_finite_gradients_skip_the_step_and_leave_the_state() -> None:

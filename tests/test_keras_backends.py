@@ -45,7 +45,7 @@ def test_keras_adapter_on_backend(backend):
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=2400,
     )
     out = proc.stdout + proc.stderr
     summary = [

@@ -162,7 +162,9 @@ def test_float32_solvers_take_the_float64_decisions(backend: str) -> None:
         # the gradient norm crosses epsilon at the same step unless it lands within
         # float32 rounding of it: allow one step of slack per episode
         assert abs(got.grad_evals - ref.grad_evals) <= 1 + ref.episodes, name
-        np.testing.assert_allclose(x, ref.x, atol=1e-3, err_msg=name)
+        # the end point is an (eps, gamma)-SOSP, not the minimum: where the gradient norm
+        # crosses eps one step apart in float32 it differs by up to ~eta*eps per coordinate
+        np.testing.assert_allclose(x, ref.x, atol=5e-3, err_msg=name)
         assert math.isclose(
             float(p.value(np.asarray(x, np.float64))), float(p.value(ref.x)), abs_tol=1e-4
         ), name
