@@ -134,16 +134,32 @@ def count_dtype(xp: Any) -> Any:
     return dt
 
 
-def int_constant(value: int, like: Array) -> Array:
-    """Python int ``value`` as a 0-d array of ``like``'s integer dtype, clamped to its range.
+def int_constant(value: Any, like: Array) -> Array:
+    """``value`` as a 0-d array of ``like``'s integer dtype, clamped to its range.
 
     The clamp gives budgets above the dtype's range (e.g. :math:`M > 2^{31}-1` on
     int32 counters) the meaning "effectively unlimited" instead of an overflow.
+    ``value`` is a Python int, or an array (an integer, or an integral float such as
+    the array-valued theory constants): arrays are clamped with array operations, so
+    a traced budget (``optax.inject_hyperparams`` under ``jax.jit``) stays traceable.
     """
     xp = namespace(like)
     info = xp.iinfo(like.dtype)
-    v = max(min(int(value), int(info.max)), int(info.min))
-    return xp.asarray(v, dtype=like.dtype, device=scalar_device(like))
+    if not hasattr(value, "dtype") or isinstance(value, (bool, int)):
+        v = max(min(int(value), int(info.max)), int(info.min))
+        return xp.asarray(v, dtype=like.dtype, device=scalar_device(like))
+    top = xp.asarray(int(info.max), dtype=like.dtype, device=scalar_device(like))
+    bottom = xp.asarray(int(info.min), dtype=like.dtype, device=scalar_device(like))
+    if xp.isdtype(value.dtype, "integral"):
+        wide = xp.iinfo(value.dtype)
+        if int(wide.max) > int(info.max) or int(wide.min) < int(info.min):
+            value = xp.clip(value, int(info.min), int(info.max))
+        return xp.astype(value, like.dtype)
+    # an integral float: saturate before the cast (a cast out of range is undefined)
+    above = value >= float(info.max)
+    below = value <= float(info.min)
+    cast = xp.astype(xp.where(above | below, xp.zeros_like(value), value), like.dtype)
+    return xp.where(above, top, xp.where(below, bottom, cast))
 
 
 def saturating_increment(counter: Array) -> Array:

@@ -233,14 +233,15 @@ def psd_init(
     acc = acc_dtype if acc_dtype is not None else tree_acc_dtype([like])
 
     idt = count_dtype(xp)
-    imax = int(xp.iinfo(idt).max)
 
     def full(v: Any, dt: Any) -> Array:
         return xp.full(batch_shape, v, dtype=dt, device=dev)
 
     return PSDState(
         count=full(0, idt),
-        since_perturb=full(min(config.t_thres + 1, imax), idt),
+        # "the last perturbation was more than t_thres steps ago" (saturating)
+        since_perturb=saturating_increment(int_constant(config.t_thres, full(0, idt)))
+        + full(0, idt),
         episode_left=full(0, idt),
         episodes=full(0, idt),
         grad_sq_ema=full(0.0, acc),
@@ -252,7 +253,8 @@ def psd_init(
 def _t_thres(t_thres: int, like: Array) -> Array:
     """``t_thres`` as a counter constant, at most ``max - 1`` so that ``since > t`` can hold."""
     xp = namespace(like)
-    return int_constant(min(t_thres, int(xp.iinfo(like.dtype).max) - 1), like)
+    top = int(xp.iinfo(like.dtype).max) - 1
+    return xp.minimum(int_constant(t_thres, like), int_constant(top, like))
 
 
 class PSDGate(NamedTuple):

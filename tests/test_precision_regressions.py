@@ -75,6 +75,31 @@ def test_counters_are_int64_and_saturate(backend: str) -> None:
     assert int(state.count) == top
 
 
+@pytest.mark.parametrize("backend", backend_params())
+def test_array_budgets_clamp_like_python_ints(backend: str) -> None:
+    """Budgets given as arrays (the array-valued theory constants; traced values under
+    ``optax.inject_hyperparams`` + ``jit``) saturate exactly as Python ints do."""
+    like = psd_core.psd(0.1, 1e-3, 0.1, 2).init([convert(np.zeros(2), backend)]).count
+    top = 2**63 - 1
+    for value, want in [(5, 5), (0, 0), (2**62, 2**62), (1e30, top), (-1e30, -(2**63))]:
+        got = A.int_constant(convert(np.asarray(value, dtype=np.float64), backend), like)
+        assert int(got) == want, (value, int(got))
+        assert str(got.dtype) == str(like.dtype)
+    for value in (7, top):
+        got = A.int_constant(convert(np.asarray(value, dtype=np.int64), backend), like)
+        assert int(got) == value
+    # a float budget reaches the state: t_thres = 3.0 (array) acts like t_thres = 3
+    x = [convert(np.zeros(2), backend)]
+    t = convert(np.asarray(3.0), backend)
+    state = psd_core.perturbation.psd_init(
+        x[0], psd_core.perturbation.psd_config(0.1, 1e-3, 0.1, 2, t_thres=3)
+    )
+    state_a = psd_core.perturbation.psd_init(
+        x[0], psd_core.perturbation.psd_config(0.1, 1e-3, 0.1, 2)._replace(t_thres=t)
+    )
+    assert int(state_a.since_perturb) == int(state.since_perturb) == 4
+
+
 def test_jax_without_x64_saturates_and_clamps() -> None:
     """JAX without x64 (a fresh process: tests/conftest.py enables x64 here)."""
     pytest.importorskip("jax")

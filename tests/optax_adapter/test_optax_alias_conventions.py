@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import re
 
@@ -152,32 +151,11 @@ def test_update_accepts_unexpected_extra_args(name):
     assert bool(jnp.all(jnp.isfinite(params)))
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="round-2 regression: the core now clamps the theory budgets M and T to the counter range with host ints, so traced epsilon/ell (inject_hyperparams under jit) fail; issue 13 item 9 is open again",
-            ),
-        )
-        if n == "from_theory"
-        else n
-        for n in NAMES
-    ],
-)
+@pytest.mark.parametrize("name", NAMES)
 def test_can_be_wrapped_in_inject_hyperparams(name):
     factory, kwargs = FACTORIES[name]
     tx = factory(**kwargs)
-    # integer budgets are static: since round 2 the core clamps them to the counters'
-    # int64/int32 range on the host (issue 11), so they cannot be traced values
-    static = tuple(
-        a
-        for a in ("t_thres", "episode_length", "max_episodes")
-        if a in inspect.signature(factory).parameters
-    )
-    injected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
+    injected = optax.inject_hyperparams(factory)(**kwargs)
     params = [-jnp.ones((2, 3)), jnp.ones((2, 5, 2))]
     grads = [jnp.ones((2, 3)), -jnp.ones((2, 5, 2))]
 

@@ -128,10 +128,6 @@ def test_bad_seeds_raise_at_construction(kwargs, error, match):
             make()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="round-2 regression: the core now clamps the theory budgets M and T to the counter range with host ints, so traced epsilon/ell (inject_hyperparams under jit) fail; issue 13 item 9 is open again",
-)
 def test_inject_hyperparams_from_theory_eager_and_traced():
     """Item 9: concrete arrays are validated as numbers; traced ones go through the
     core's array arithmetic and give the same constants."""
