@@ -31,6 +31,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -68,7 +69,9 @@ __all__ = [
     "sam_sps",
     "sam_sps_coefficients",
     "sam_sps_config",
+    "sam_sps_descent",
     "sam_sps_init",
+    "sam_sps_perturbation",
     "sam_sps_rho",
 ]
 
@@ -310,6 +313,86 @@ def sam_sps_init(params: Tree) -> SAMSPSState:
     )
 
 
+def sam_sps_perturbation(
+    grads: Tree, params: Tree, state: SAMSPSState, config: SAMSPSConfig
+) -> tuple[list[Array], list[Array]]:
+    """SAM-SPS's first half: the perturbed point :math:`e = x + c\\,g` and the offset.
+
+    :math:`c` is :func:`sam_perturbation_scale` (``rho`` may follow a schedule of
+    ``state.count``). The offset :math:`c\\,g` is formed in the accumulation dtype
+    (:math:`c = \rho/\\|g\\|` overflows float16) and cast once to each parameter's
+    dtype to form :math:`e`.
+
+    Returns:
+        ``(e, offset)``: lists in the order of ``params``; ``offset`` in the
+        accumulation dtype, for :func:`sam_sps_descent`.
+    """
+    xp = namespace(grads)
+    g2 = tree_sq_norm(grads)
+    scale = sam_perturbation_scale(
+        g2, config.rho, config.lambd, grad_norm=tree_norm(grads), count=state.count
+    )
+    offset = [scale * _acc(xp, g, g2.dtype) for g in grads]
+    e = [p + _to(xp, o, p.dtype) for p, o in zip(params, offset)]
+    return e, offset
+
+
+def sam_sps_descent(
+    grads: Tree,
+    grads_e: Tree,
+    loss_e: Array,
+    offset: Tree,
+    params: Tree,
+    state: SAMSPSState,
+    config: SAMSPSConfig,
+    *,
+    value: Array | None = None,
+) -> tuple[list[Array], SAMSPSState]:
+    """SAM-SPS's second half: updates :math:`-\\gamma(\nabla f_S(e) + w\\,x)` and the state.
+
+    Args:
+        grads: the first pass's gradient :math:`\nabla f_S(x)` (only its finiteness
+            is used here).
+        grads_e: :math:`\nabla f_S(e)`; ``loss_e``: :math:`f_S(e)`.
+        offset: from :func:`sam_sps_perturbation`.
+        params: :math:`x`; state and config as for :func:`sam_sps`.
+        value: the loss at :math:`x`, optional, only for the non-finite check.
+
+    Returns:
+        ``(updates, new_state)``; the updates are zero and the step is counted in
+        ``skipped`` where a loss or gradient of either pass is not finite.
+    """
+    xp = namespace(grads_e)
+    first_ok = tree_all_finite(grads)
+    if value is not None:
+        first_ok = first_ok & xp.isfinite(as_scalar(value, state.step_size))
+    coeffs = sam_sps_coefficients(
+        loss_e,
+        tree_sq_norm(grads_e),
+        tree_dot(grads_e, offset),
+        config,
+        extra_finite=first_ok,
+        grad_e_norm=tree_norm(grads_e),
+        finite=tree_all_finite(grads_e),
+    )
+    acc = coeffs.grad.dtype
+    # a weight decay given as an array (traced) always takes part
+    use_wd = not isinstance(config.weight_decay, numbers.Real) or config.weight_decay != 0
+    upd = []
+    for ge, p in zip(grads_e, params):
+        u = coeffs.grad * _acc(xp, ge, acc)
+        if use_wd:
+            u = u + coeffs.params * _acc(xp, p, acc)
+        upd.append(_to(xp, u, p.dtype))
+    upd = tree_select(coeffs.finite, upd, [xp.zeros_like(p) for p in params])
+    new_state = SAMSPSState(
+        count=xp.where(coeffs.finite, saturating_increment(state.count), state.count),
+        step_size=xp.astype(coeffs.step_size, state.step_size.dtype),
+        skipped=xp.where(coeffs.finite, state.skipped, saturating_increment(state.skipped)),
+    )
+    return upd, new_state
+
+
 def sam_sps(
     rho: Any = 0.1,
     lambd: float = 1.0,
@@ -344,42 +427,11 @@ def sam_sps(
         if params is None:
             raise ValueError("sam_sps.update needs params (the perturbation is taken at params)")
         check_same_shapes("grads", grads, "params", params)
-        xp = namespace(grads)
-        g2 = tree_sq_norm(grads)
-        scale = sam_perturbation_scale(
-            g2, cfg.rho, cfg.lambd, grad_norm=tree_norm(grads), count=state.count
-        )
-        # the offset c g in the accumulation dtype (c = rho/||g|| overflows float16),
-        # cast once to the parameter dtype to form e
-        offset = [scale * _acc(xp, g, g2.dtype) for g in grads]
-        e = [p + _to(xp, o, p.dtype) for p, o in zip(params, offset)]
+        e, offset = sam_sps_perturbation(grads, params, state, cfg)
         loss_e, grads_e = value_and_grad_fn(e)
         check_same_shapes("grads at the perturbed point", list(grads_e), "params", params)
-        first_ok = tree_all_finite(grads)
-        if value is not None:
-            first_ok = first_ok & xp.isfinite(as_scalar(value, g2))
-        coeffs = sam_sps_coefficients(
-            loss_e,
-            tree_sq_norm(grads_e),
-            tree_dot(grads_e, offset),
-            cfg,
-            extra_finite=first_ok,
-            grad_e_norm=tree_norm(grads_e),
-            finite=tree_all_finite(grads_e),
-        )
-        acc = coeffs.grad.dtype
-        upd = []
-        for ge, p in zip(grads_e, params):
-            u = coeffs.grad * _acc(xp, ge, acc)
-            if cfg.weight_decay:
-                u = u + coeffs.params * _acc(xp, p, acc)
-            upd.append(_to(xp, u, p.dtype))
-        zeros = [xp.zeros_like(p) for p in params]
-        upd = tree_select(coeffs.finite, upd, zeros)
-        new_state = SAMSPSState(
-            count=xp.where(coeffs.finite, saturating_increment(state.count), state.count),
-            step_size=xp.astype(coeffs.step_size, state.step_size.dtype),
-            skipped=xp.where(coeffs.finite, state.skipped, saturating_increment(state.skipped)),
+        upd, new_state = sam_sps_descent(
+            grads, list(grads_e), loss_e, offset, params, state, cfg, value=value
         )
         return upd, new_state
 

@@ -10,16 +10,6 @@ import jax.numpy as jnp
 import optax
 
 from psd_core import polyak as core
-from psd_core._array import (
-    as_scalar,
-    is_complex,
-    saturating_increment,
-    tree_all_finite,
-    tree_dot,
-    tree_norm,
-    tree_select,
-    tree_sq_norm,
-)
 from psd_core.polyak import SAMSPSState
 
 from ._common import (
@@ -89,7 +79,6 @@ def sam_sps(
     cfg = resolve_hparams(core.sam_sps_config, values, _PLACEHOLDERS)
     if not _is_traced(cfg.gamma_b) and not cfg.gamma_b > 0:
         raise ValueError(f"Invalid gamma_b: {gamma_b!r} (must be > 0: a cap of 0 never moves)")
-    use_wd = _is_traced(cfg.weight_decay) or cfg.weight_decay != 0.0
 
     def init_fn(params: optax.Params) -> SAMSPSState:
         leaves = jax.tree_util.tree_leaves(params)
@@ -114,49 +103,15 @@ def sam_sps(
         x = treedef.flatten_up_to(params)
         if has_masked_nodes(params):
             value_and_grad_fn = _with_frozen_leaves(value_and_grad_fn, params, full_params)
-        g2 = tree_sq_norm(leaves)
-        scale = core.sam_perturbation_scale(
-            g2, cfg.rho, cfg.lambd, grad_norm=tree_norm(leaves), count=state.count
-        )
-        # The offset c g in the accumulation dtype (c = rho/||g|| overflows float16),
-        # cast once to the parameter dtype to form e (contract C3).
-        offset = [scale * _acc(g, g2.dtype) for g in leaves]
-        e = [p + o.astype(p.dtype) for p, o in zip(x, offset)]
+        e, offset = core.sam_sps_perturbation(leaves, x, state, cfg)
         loss_e, grads_e = value_and_grad_fn(jax.tree_util.tree_unflatten(treedef, e))
         ge = treedef.flatten_up_to(grads_e)
-        first_ok = tree_all_finite(leaves)
-        if value is not None:
-            first_ok = first_ok & jnp.isfinite(as_scalar(jnp.asarray(value), g2))
-        coeffs = core.sam_sps_coefficients(
-            loss_e,
-            tree_sq_norm(ge),
-            tree_dot(ge, offset),
-            cfg,
-            extra_finite=first_ok,
-            grad_e_norm=tree_norm(ge),
-            finite=tree_all_finite(ge),
-        )
-        acc = coeffs.grad.dtype
-        upd = []
-        for g_e, p in zip(ge, x):
-            u = coeffs.grad * _acc(g_e, acc)
-            if use_wd:
-                u = u + coeffs.params * _acc(p, acc)
-            upd.append(u.astype(p.dtype))
-        upd = tree_select(coeffs.finite, upd, [jnp.zeros_like(p) for p in x])
-        new_state = SAMSPSState(
-            count=jnp.where(coeffs.finite, saturating_increment(state.count), state.count),
-            step_size=coeffs.step_size.astype(state.step_size.dtype),
-            skipped=jnp.where(coeffs.finite, state.skipped, saturating_increment(state.skipped)),
+        upd, new_state = core.sam_sps_descent(
+            leaves, ge, loss_e, offset, x, state, cfg, value=value
         )
         return jax.tree_util.tree_unflatten(treedef, upd), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _acc(x: jax.Array, acc: Any) -> jax.Array:
-    """``x`` in the real accumulation dtype ``acc``; complex leaves keep their dtype."""
-    return x if is_complex(jnp, x) or x.dtype == acc else x.astype(acc)
 
 
 def _with_frozen_leaves(

@@ -53,8 +53,8 @@ CHILD = textwrap.dedent(
 
     def make_optimizer(name):
         if name == "psd":
-            # the gate opens on the first step (epsilon large): an episode of noise + descent
-            return psd_keras.PSD(0.05, epsilon=1e3, radius=0.05, episode_length=2, t_thres=2, seed=3)
+            # the gate opens on the first step (g_thres large): an episode of noise + descent
+            return psd_keras.PSD(0.05, g_thres=1e3, radius=0.05, episode_length=2, t_thres=2, seed=3)
         return psd_keras.SAM_SPS(rho=0.05, gamma_b=0.5)
 
     def train(name):
