@@ -395,7 +395,7 @@ def _rounding_sensitivity(
         "rho = 1/(2L)) started from x0 (1 + 1e-15) instead of x0 differs from the x0 run by up "
         f"to a factor {diff[k]:.3g} in f - f* (at step {k * every}; compared where both are above "
         "1e-12 f(x0)): the uncapped Polyak map is chaotic in the last digits, so a single value "
-        "of those runs is one sample of the trend (the same holds between NumPy and PyTorch); "
+        "of those runs is one sample of the trend; "
         "the fitted rate and steps_to_tol are the stable quantities."
     )
 
