@@ -31,7 +31,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import baselines as B
-from ._array import Array, namespace, tree_size, tree_sq_norm
+from . import sam_baselines as SB
+from ._array import Array, as_scalar, namespace, tree_size, tree_sq_norm
 from .curvature import (
     hvp_from_grad,
     is_strict_saddle,
@@ -54,24 +55,37 @@ from .polyak import sam_perturbation_scale
 from .polyak import sam_sps as sam_sps_transform
 from .random import HostDraws
 from .theory import probe_constants, psd_constants, psgd_batch_size, psgd_gate_threshold
-from .validation import check_choice, check_int, check_nonnegative, check_positive
+from .validation import (
+    check_beta,
+    check_choice,
+    check_int,
+    check_nonnegative,
+    check_positive,
+)
 
 __all__ = [
     "SolverResult",
     "adam",
+    "adasam",
+    "andriushchenko_flammarion_deterministic_schedule",
     "andriushchenko_flammarion_schedule",
     "bfgs",
     "condition_scaled_gd",
     "gd",
     "jin_pgd_constants",
+    "khanh_schedule",
     "langevin",
+    "lightsam",
     "momentum",
     "newton",
+    "oikonomou_schedule",
+    "oikonomou_stochastic_schedule",
     "pgd",
     "pgd_jin",
     "psd",
     "psd_probe",
     "psgd",
+    "sa_sam",
     "sam",
     "sam_sps",
 ]
@@ -890,6 +904,260 @@ def sam(
         x = B.gd_step(x, ge, lr_t)
     run.record(x, _sq(problem.grad(x)), step_size=float("nan"))
     return run.result(x, 0, True)
+
+
+# --------------------------------------------------------------------------------------
+# Section 4.1 of the SAM-SPS paper: the theory step sizes and the adaptive baselines
+# --------------------------------------------------------------------------------------
+
+
+def andriushchenko_flammarion_deterministic_schedule(
+    L: float,
+) -> Callable[[int], tuple[float, float]]:
+    r"""Constant USAM step of Andriushchenko & Flammarion (2022) for the deterministic
+    (full-batch) case: :math:`\gamma = \rho = 1/(2L)`.
+
+    The step and radius the SAM-SPS authors use for this baseline in their deterministic
+    ridge experiment (``numpy_exps/exps.ipynb``). Use with :func:`sam` (``lambd=0``).
+
+    References:
+        Andriushchenko & Flammarion, *Towards Understanding Sharpness-Aware
+        Minimization*, ICML 2022.
+    """
+    L = check_positive("L", L)
+    step = 1.0 / (2.0 * L)
+    return lambda t: (step, step)
+
+
+def khanh_schedule(L: float, rho: float | None = None) -> Callable[[int], tuple[float, float]]:
+    r"""Constant USAM step of Khanh et al. (2024): :math:`\gamma = 2/(9L)`, :math:`\rho = 1/(2L)`
+    (``rho`` overrides the radius; the step does not depend on it).
+
+    As the SAM-SPS authors instantiate this baseline in their deterministic ridge
+    experiment. Use with :func:`sam` (``lambd=0``).
+
+    References:
+        Khanh, Luong, Mordukhovich & Tran, *Fundamental Convergence Analysis of
+        Sharpness-Aware Minimization*, NeurIPS 2024.
+    """
+    L = check_positive("L", L)
+    rho_ = 1.0 / (2.0 * L) if rho is None else check_nonnegative("rho", rho)
+    step = 2.0 / (9.0 * L)
+    return lambda t: (step, rho_)
+
+
+def oikonomou_schedule(L: float, rho: float | None = None) -> Callable[[int], tuple[float, float]]:
+    r"""Constant USAM step of Oikonomou & Loizou (2025), deterministic case:
+    :math:`\rho = 1/(6L)` (default) and
+    :math:`\gamma = (1 - 3L\rho) / \big(2L(2L^2\rho^2 + 1)\big)`, which requires
+    :math:`\rho < 1/(3L)`.
+
+    References:
+        Oikonomou & Loizou, *Sharpness-Aware Minimization: General Analysis and Improved
+        Rates*, ICLR 2025 (as instantiated in the SAM-SPS authors' ridge experiment).
+    """
+    L = check_positive("L", L)
+    rho_ = 1.0 / (6.0 * L) if rho is None else check_nonnegative("rho", rho)
+    if not rho_ < 1.0 / (3.0 * L):
+        raise ValueError(f"Invalid rho: {rho!r} (must be < 1/(3L) = {1.0 / (3.0 * L)!r})")
+    step = (1.0 - 3.0 * L * rho_) / (2.0 * L * (2.0 * L**2 * rho_**2 + 1.0))
+    return lambda t: (step, rho_)
+
+
+def oikonomou_stochastic_schedule(
+    mu: float, L_max: float, rho: float | None = None
+) -> Callable[[int], tuple[float, float]]:
+    r"""Constant USAM step of Oikonomou & Loizou (2025), stochastic case:
+    :math:`\rho = \mu / \big(2L_{\max}(\mu + 2L_{\max})\big)` (default) and
+    :math:`\gamma = \big(\mu - L_{\max}\rho(\mu + 2L_{\max})\big) /
+    \big(2L_{\max}^2(2L_{\max}^2\rho^2 + 1)\big)`, which requires
+    :math:`\rho < \mu/(L_{\max}(\mu + 2L_{\max}))`.
+
+    References:
+        Oikonomou & Loizou, *Sharpness-Aware Minimization: General Analysis and Improved
+        Rates*, ICLR 2025 (as instantiated in the SAM-SPS authors' ridge experiment).
+    """
+    mu = check_positive("mu", mu)
+    L_max = check_positive("L_max", L_max)
+    rho_ = mu / (2.0 * L_max * (mu + 2.0 * L_max)) if rho is None else check_nonnegative("rho", rho)
+    bound = mu / (L_max * (mu + 2.0 * L_max))
+    if not rho_ < bound:
+        raise ValueError(f"Invalid rho: {rho!r} (must be < mu/(L_max (mu + 2 L_max)) = {bound!r})")
+    step = (mu - L_max * rho_ * (mu + 2.0 * L_max)) / (
+        2.0 * L_max**2 * (2.0 * L_max**2 * rho_**2 + 1.0)
+    )
+    return lambda t: (step, rho_)
+
+
+def _two_pass_loop(
+    problem: Any,
+    x0: Array,
+    steps: int,
+    batch_size: int | None,
+    seed: int,
+    record_every: int,
+    init: Callable[[Array], Any],
+    step: Callable[..., tuple[Array, Any, float]],
+) -> SolverResult:
+    """Shared driver of the adaptive SAM baselines: a fresh mini-batch per step (the same
+    draws as :func:`sam_sps` and :func:`sam` for the same seed), then
+    ``x, state, lr = step(t, x, g, grad, state)`` where ``grad(y)`` is the counted
+    gradient on this step's batch. ``history['step_size']`` records ``lr``."""
+    steps = check_int("steps", steps, minimum=0)
+    run = _Run(problem, x0, max(3 * steps, 1), None, record_every)
+    rng = HostDraws(seed).rng
+    pick, _ = _batch_oracles(problem, batch_size, rng, run.xp, x0)
+    x, state = x0, init(x0)
+    for t in range(steps):
+        _, grad_fn = pick()
+
+        def grad(y: Array, grad_fn: Callable[[Array], Array] = grad_fn) -> Array:
+            run.evals += 1
+            return grad_fn(y)
+
+        g = grad(x)
+        x_new, state, lr_t = step(t, x, g, grad, state)
+        run.record(x, _sq(g), step_size=float(lr_t))
+        x = x_new
+    run.record(x, _sq(problem.grad(x)), step_size=float("nan"))
+    return run.result(x, 0, True)
+
+
+def adasam(
+    problem: Any,
+    x0: Array,
+    *,
+    lr: float = 1e-2,
+    rho: float = 0.01,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    steps: int = 1000,
+    batch_size: int | None = None,
+    seed: int = 0,
+    record_every: int = 1,
+) -> SolverResult:
+    r"""AdaSAM (Sun et al., 2024) for ``steps`` iterations, two gradients per step.
+
+    :math:`e_t = x_t + \rho s_t/\|s_t\|`, :math:`g_t = \nabla f_{S_t}(e_t)`,
+    :math:`m_t = \beta_1 m_{t-1} + (1-\beta_1)g_t`, :math:`v_t = \beta_2 v_{t-1} + (1-\beta_2)g_t^2`,
+    :math:`\hat v_t = \max(\hat v_{t-1}, v_t)`,
+    :math:`x_{t+1} = x_t - \gamma\, m_t/\sqrt{\hat v_t}` (:math:`\gamma` = ``lr``;
+    :math:`v_0 = \hat v_0 = \epsilon^2`). See :mod:`psd_core.sam_baselines`.
+    Mini-batches as in :func:`sam_sps`. ``history['step_size']`` records ``lr``.
+    """
+    lr = check_positive("lr", lr)
+    rho = check_nonnegative("rho", rho)
+    b1, b2 = check_beta("b1", b1), check_beta("b2", b2)
+    eps = check_positive("eps", eps)
+
+    def step(t: int, x: Array, s: Array, grad: Any, st: Any) -> tuple[Array, Any, float]:
+        g = grad(x + SB.normalized_offset(s, rho))
+        upd, st = SB.adasam_update(g, st, lr, b1, b2)
+        return x + upd, st, lr
+
+    return _two_pass_loop(
+        problem,
+        x0,
+        steps,
+        batch_size,
+        seed,
+        record_every,
+        lambda x: SB.adasam_init(x, eps),
+        step,
+    )
+
+
+def lightsam(
+    problem: Any,
+    x0: Array,
+    *,
+    lr: float = 1.0,
+    rho: float = 0.1,
+    variant: str = "I",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    steps: int = 1000,
+    batch_size: int | None = None,
+    seed: int = 0,
+    record_every: int = 1,
+) -> SolverResult:
+    r"""LightSAM for ``steps`` iterations, two gradients per step: ``variant="I"``
+    (AdaGrad-Norm), ``"II"`` (AdaGrad) or ``"III"`` (Adam).
+
+    I: :math:`u_t = u_{t-1} + \|s_t\|^2`, :math:`w_t = x_t + \rho s_t/\sqrt{u_t}`,
+    :math:`v_t = v_{t-1} + \|g_t\|^2`, :math:`x_{t+1} = x_t - \eta g_t/\sqrt{v_t}`;
+    II: the same coordinatewise; III: :math:`w_t = x_t + \rho r_t/\sqrt{u_t}`,
+    :math:`x_{t+1} = x_t - \eta m_t/\sqrt{v_t}` with Adam moments (no bias correction)
+    of :math:`s_t` (:math:`r, u`) and :math:`g_t = \nabla f_{S_t}(w_t)` (:math:`m, v`).
+    :math:`\eta` = ``lr``. See :mod:`psd_core.sam_baselines`.
+    """
+    variant = check_choice("variant", variant, SB.LIGHTSAM_VARIANTS)
+    lr = check_positive("lr", lr)
+    rho = check_nonnegative("rho", rho)
+    b1, b2 = check_beta("b1", b1), check_beta("b2", b2)
+    eps = check_positive("eps", eps)
+
+    def step(t: int, x: Array, s: Array, grad: Any, st: Any) -> tuple[Array, Any, float]:
+        offset, st = SB.lightsam_perturbation(s, st, rho, variant, b1, b2)
+        g = grad(x + offset)
+        upd, st = SB.lightsam_update(g, st, lr, variant, b1, b2)
+        return x + upd, st, lr
+
+    return _two_pass_loop(
+        problem,
+        x0,
+        steps,
+        batch_size,
+        seed,
+        record_every,
+        lambda x: SB.lightsam_init(x, variant, eps),
+        step,
+    )
+
+
+def sa_sam(
+    problem: Any,
+    x0: Array,
+    *,
+    lr0: float = 0.1,
+    steps: int = 1000,
+    batch_size: int | None = None,
+    seed: int = 0,
+    record_every: int = 1,
+) -> SolverResult:
+    r"""SA-SAM (smoothness-adaptive SAM) for ``steps`` iterations.
+
+    :math:`\eta_t = \min\{\|x_t - x_{t-1}\| / (2\|\nabla f_{S_t}(x_t) - \nabla f_{S_t}(x_{t-1})\|),\
+    \sqrt{1+\theta_{t-1}}\eta_{t-1}\}`, :math:`\theta_t = \eta_t/\eta_{t-1}`,
+    :math:`\rho_t = \sqrt{\eta_t}`,
+    :math:`x_{t+1} = x_t - \eta_t \nabla f_{S_t}(x_t + \rho_t s_t/\|s_t\|)`, from
+    :math:`\eta_0` = ``lr0`` and :math:`\theta_0 = +\infty`
+    (:func:`psd_core.sam_baselines.sa_sam_step_size`).
+
+    Cost: the first step 2 gradients; later steps 3 with mini-batches (the previous
+    iterate's gradient on the new batch), 2 in full batch (that gradient is the
+    previous step's ``s``, reused). ``history['step_size']`` records :math:`\eta_t`.
+    """
+    lr0 = check_positive("lr0", lr0)
+    full_batch = batch_size is None
+
+    def init(x: Array) -> dict[str, Any]:
+        return {"x_prev": None, "s_prev": None, "eta": lr0, "theta": math.inf}
+
+    def step(t: int, x: Array, s: Array, grad: Any, st: dict) -> tuple[Array, Any, float]:
+        if st["x_prev"] is None:
+            eta, theta = as_scalar(lr0, s), math.inf
+        else:
+            g_prev = st["s_prev"] if full_batch else grad(st["x_prev"])
+            eta, theta = SB.sa_sam_step_size(x, st["x_prev"], s, g_prev, st["eta"], st["theta"])
+        rho = SB.sa_sam_radius(eta, s)
+        g = grad(x + SB.normalized_offset(s, rho))
+        x_new = B.gd_step(x, g, eta)
+        return x_new, {"x_prev": x, "s_prev": s, "eta": eta, "theta": theta}, float(eta)
+
+    return _two_pass_loop(problem, x0, steps, batch_size, seed, record_every, init, step)
 
 
 def _dev(a: Array) -> Any:

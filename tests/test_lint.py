@@ -55,6 +55,7 @@ def test_the_core_imports_no_framework() -> None:
         "polyak.py",
         "curvature.py",
         "baselines.py",
+        "sam_baselines.py",
         "_array.py",
         "transform.py",
     ):
