@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import array_api_compat.torch as xp
+import numpy as np
 import torch
 
 from psd_core import validation
@@ -47,7 +48,12 @@ __all__ = [
     "foreach_add_",
     "global_sq_norm",
     "group_by_device_dtype",
+    "host_floats",
+    "torch_dtype_of",
     "host_values",
+    "on_host",
+    "scalars_on_host",
+    "scalars_to_torch",
     "make_generator",
     "GENERATOR_KEY",
     "check_lr",
@@ -286,6 +292,64 @@ def host_values(*values: torch.Tensor) -> list[float]:
     dev = values[0].device
     stacked = torch.stack([v.to(device=dev, dtype=torch.float64) for v in values])
     return stacked.tolist()
+
+
+def on_host(*tensors: Any) -> bool:
+    """Whether the scalar layer of a step can run on NumPy views of these tensors.
+
+    True for plain CPU tensors in eager mode. There, each 0-d torch op of the core's
+    scalar layer costs microseconds of dispatch (about 100 of them per step) while
+    the same op on a NumPy 0-d array costs about one, and the values are read on the
+    host anyway. The core runs unchanged on the NumPy namespace (array API). Not under
+    ``torch.compile`` (it would break the graph), not for tensor subclasses
+    (DTensor) and not on accelerators (the values would cross to the host).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and (type(t) is not torch.Tensor or t.device.type != "cpu"):
+            return False
+    return True
+
+
+def scalars_on_host(values: Any) -> Any:
+    """Zero-copy NumPy views of CPU 0-d tensors (a NamedTuple, list, dict or single
+    tensor); other values pass through."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().numpy()
+    if isinstance(values, tuple) and hasattr(values, "_fields"):
+        return type(values)(*[scalars_on_host(v) for v in values])
+    if isinstance(values, list | tuple):
+        return type(values)(scalars_on_host(v) for v in values)
+    if isinstance(values, dict):
+        return {k: scalars_on_host(v) for k, v in values.items()}
+    return values
+
+
+def scalars_to_torch(values: Any) -> Any:
+    """The inverse of :func:`scalars_on_host`: NumPy arrays/scalars back to CPU tensors
+    of the same dtype (zero copy); other values pass through."""
+    if isinstance(values, tuple) and hasattr(values, "_fields"):
+        return type(values)(*[scalars_to_torch(v) for v in values])
+    if isinstance(values, list | tuple):
+        return type(values)(scalars_to_torch(v) for v in values)
+    if isinstance(values, np.ndarray | np.generic):
+        return torch.from_numpy(np.asarray(values))
+    return values
+
+
+def torch_dtype_of(value: Any) -> torch.dtype:
+    """The torch dtype of a tensor or of a NumPy array/scalar (from the host path)."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype
+    return torch.from_numpy(np.asarray(value)).dtype
+
+
+def host_floats(*values: Any) -> list[float]:
+    """:func:`host_values` for values that may already be NumPy (from the host path)."""
+    if all(not isinstance(v, torch.Tensor) for v in values):
+        return [float(v) for v in values]
+    return host_values(*[torch.as_tensor(v) for v in values])
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

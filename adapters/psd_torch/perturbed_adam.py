@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from psd_core import validation
@@ -53,12 +54,17 @@ from ._common import (
     foreach_add_,
     global_sq_norm,
     group_by_device_dtype,
+    host_floats,
     host_values,
     lr_scalar,
+    on_host,
     real_view,
     resolve_foreach,
     safe_norm_and_finite,
+    scalars_on_host,
+    scalars_to_torch,
     sq_norms,
+    torch_dtype_of,
 )
 from ._dtensor import dcp_compatible  # [dtensor hook]
 
@@ -328,6 +334,14 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         gcfg = {gi: self._group_config(self.param_groups[gi]) for gi in groups_used}
 
         g2 = global_sq_norm(grads, foreach=foreach, device=dev)
+        # The scalar layer (bias corrections, coefficients, new counters) on NumPy views
+        # where the step runs eagerly on CPU: the same core code, ~1 us per 0-d op
+        # instead of ~10 (``mu``/``nu`` stay torch tensors: the core only passes them on).
+        host = on_host(g2, *sc.values())
+        if host:
+            g2 = scalars_on_host(g2)
+            state = PerturbedAdamState(mu=mu, nu=nu, **scalars_on_host(dict(sc)))
+        lift = scalars_on_host if host else (lambda v: v)
         bcs = []
         for gi in groups_used:
             bcs.extend(adam_bias_corrections(state.count + 1, gcfg[gi].b1, gcfg[gi].b2, g2))
@@ -339,15 +353,16 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
             (fin,) = host_values(torch.isfinite(g2))
             bc_h = bcs
         else:
-            fin, *bc_h = host_values(torch.isfinite(g2), *bcs)
+            fin, *bc_h = host_floats(np.isfinite(g2) if host else torch.isfinite(g2), *bcs)
         bc = {gi: (bc_h[2 * k], bc_h[2 * k + 1]) for k, gi in enumerate(groups_used)}
         # The skip rests on the gradient's finiteness alone (contract C4). The exact check
         # (``tree_all_finite``) runs only when the one-pass squared norm is not finite (a
         # NaN/inf entry, or a finite gradient whose square overflows, e.g. 1e20 in float32).
-        fin_t = torch.ones((), dtype=torch.bool, device=dev)
+        fin_t = lift(torch.ones((), dtype=torch.bool, device=dev))
         if not fin:
-            _, fin_t = safe_norm_and_finite(grads, device=dev, dtype=g2.dtype)
-            (fin,) = host_values(fin_t)
+            _, fin_t = safe_norm_and_finite(grads, device=dev, dtype=torch_dtype_of(g2))
+            fin_t = lift(fin_t)
+            (fin,) = host_floats(fin_t)
         if not fin:
             # Skip: the core counts it (the step norm is irrelevant when the gradient is not finite).
             _, new = perturbed_adam_coefficients(
@@ -383,8 +398,8 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
             ds = self._direction(cm, cv, bc[gi][0], bc[gi][1], c.eps, fe)
             parts.append(sq_norms(ds, foreach=fe, device=dev, dtype=acc))
             del ds
-        s2 = torch.cat(parts).sum()
-        one = torch.ones((), dtype=s2.dtype, device=dev)
+        s2 = lift(torch.cat(parts).sum())
+        one = lift(torch.ones((), dtype=torch_dtype_of(s2), device=dev))
         coeffs = {}
         new_state = None
         for gi in groups_used:
@@ -407,7 +422,7 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
             vals = host_values(c0.finite, c0.perturb, c0.noise)
             step_coef = {gi: coeffs[gi].step for gi in groups_used}
         else:
-            vals = host_values(
+            vals = host_floats(
                 c0.finite, c0.perturb, c0.noise, *[coeffs[gi].step for gi in groups_used]
             )
             step_coef = dict(zip(groups_used, vals[3:]))
@@ -418,7 +433,7 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         if perturb:
             normals, uniform = self._draw(params, cfg.noise == "ball")
             if cfg.noise == "ball":
-                nsq = global_sq_norm(normals, foreach=foreach, device=dev)
+                nsq = lift(global_sq_norm(normals, foreach=foreach, device=dev))
                 c_real, _ = perturbed_adam_coefficients(
                     s2,
                     g2,
@@ -426,11 +441,11 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
                     cfg,
                     dim=dim,
                     noise_sq_norm=nsq,
-                    uniform=uniform,
+                    uniform=lift(uniform),
                     learning_rate=lr0,
                     finite=fin_t,
                 )
-                noise_coef = host_values(c_real.noise)[0]
+                noise_coef = host_floats(c_real.noise)[0]
             for bp, bz, bm, bv in group_by_device_dtype(params, normals, mu, nu):
                 if foreach:
                     torch._foreach_zero_(bm)
@@ -448,7 +463,8 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         return loss
 
     def _store(self, new: PerturbedAdamState) -> None:
-        self.state["perturbed_adam"] = {k: getattr(new, k) for k in _SCALARS}
+        # NumPy values from the host path become CPU tensors again (zero copy)
+        self.state["perturbed_adam"] = {k: scalars_to_torch(getattr(new, k)) for k in _SCALARS}
 
     @property
     def adam_state(self) -> dict[str, torch.Tensor] | None:
