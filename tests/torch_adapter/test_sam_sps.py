@@ -126,8 +126,9 @@ def test_matches_peer_sam_sps_on_cnn(lambd, wd):
     # 5e-5 relative: the peer's own float32 run drifts from its float64 run by up to
     # 4.2e-5 in the step size over these 32 steps (wd=5e-4, lambd=0; measured in round 2),
     # and ours from the peer by up to 2.7e-5 (wd=0, lambd=1), above the 1e-5 used before.
-    # That second gap is larger than the peer's own float32 drift and is not explained
-    # yet (see CHANGELOG, "Found").
+    # Both are float32 roundings of the same math: against a true float64 run each
+    # drifts by 1.6e-6..1.2e-4 depending on the case, neither always closer
+    # (benchmarks/sam_sps_drift.py; CHANGELOG, "Found").
     rtol = 5e-5
     for _, (xb, yb) in zip(range(32), _batches(x, y, 128)):
         l_ref = o_ref.step(_closure(m_ref, _ce, xb, yb))
