@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import optax
 
 from psd_core import perturbation as core
-from psd_core._array import tree_all_finite, tree_select, tree_size, tree_sq_norm
+from psd_core._array import tree_select, tree_size, tree_sq_norm
 
 from ._common import (
     NoiseFn,
+    all_finite,
     draws_if,
     gaussian_noise,
     init_key,
@@ -166,7 +167,7 @@ def perturbed_adam(
         dim = tree_size(leaves)
         g2 = tree_sq_norm(leaves)
         # Contract C4: the skip is decided by the gradient's finiteness alone.
-        finite = tree_all_finite(leaves)
+        finite = all_finite(leaves, g2)
         mu1, nu1 = core.adam_moments(leaves, mu, nu, cfg.b1, cfg.b2)
         bc1, bc2 = core.adam_bias_corrections(state.count + 1, cfg.b1, cfg.b2, g2)
         # In the accumulation dtype (float32 for 16-bit parameters, contract C3).
@@ -249,7 +250,7 @@ def perturbed_adam(
         cstate = _core_state(state, mu, nu)
         dim = tree_size(leaves)
         g2 = tree_sq_norm(leaves)
-        finite = tree_all_finite(leaves)  # contract C4
+        finite = all_finite(leaves, g2)  # contract C4: the gradient decides
         mu1, nu1 = core.adam_moments(leaves, mu, nu, cfg.b1, cfg.b2)
         m = tree_select(finite, mu1, mu)
         v = tree_select(finite, nu1, nu)
