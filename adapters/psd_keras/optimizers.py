@@ -57,7 +57,13 @@ from keras import ops
 
 import psd_core
 from psd_core import perturbation as core
-from psd_core._array import tree_all_finite, tree_select, tree_size, tree_sq_norm
+from psd_core._array import (
+    coefficient_for,
+    tree_all_finite,
+    tree_select,
+    tree_size,
+    tree_sq_norm,
+)
 from psd_core.perturbation import (
     PerturbedAdamState,
     PSDState,
@@ -162,6 +168,32 @@ def _snapshot(v: Any) -> Any:
 
         return tf.identity(_read(v))  # a raw tf.Variable has no ``.value`` property
     return v.value
+
+
+def _sq_norm(grads: list[Any]) -> Any:
+    """:func:`psd_core._array.tree_sq_norm` of the gradients. On PyTorch with contiguous
+    float32/float64 gradients it is one BLAS dot per tensor (one pass, no temporary,
+    as ``psd_torch`` does) instead of a square and a sum."""
+    if _BACKEND == "torch" and all(
+        _dtype(g) in ("float32", "float64") and g.is_contiguous() for g in grads
+    ):
+        import torch
+
+        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        return torch.stack([torch.dot(g.view(-1), g.view(-1)).to(acc) for g in grads]).sum()
+    return tree_sq_norm(grads)
+
+
+def _all_finite(grads: list[Any], sq_norm: Any) -> Any:
+    """:func:`psd_core._array.tree_all_finite` of ``grads``, read only when needed: a
+    NaN or inf entry makes the squared norm ``sq_norm`` non-finite, so a finite one
+    proves every entry finite, and only a non-finite one (a non-finite entry, or a
+    finite gradient whose square overflows) runs the entrywise check (``ops.cond``;
+    a Python ``if`` on PyTorch). Same value as ``tree_all_finite(grads)`` always."""
+    fast = ops.isfinite(sq_norm)
+    if _BACKEND == "torch":
+        return fast if bool(fast) else tree_all_finite(grads)
+    return ops.cond(fast, lambda: fast, lambda: tree_all_finite(grads))
 
 
 def _cast_like(updates: list[Any], variables: list[Any]) -> list[Any]:
@@ -269,6 +301,47 @@ class _CoreOptimizer(keras.optimizers.Optimizer):
         if ball:
             uniform = keras.random.uniform((), dtype=_acc_dtype(variables), seed=next_seed())
         return normals, uniform, seed
+
+    def _apply_grad_part(
+        self, coeffs: core.PSDCoefficients, variables: list[Any], grads: list[Any]
+    ) -> None:
+        """Adds the core's gradient part ``where(finite, a * g, 0)``
+        (:func:`psd_core.perturbation.psd_updates` with ``normals=None``; ``g`` may be
+        the Adam direction in the accumulation dtype, cast once) to the variables.
+
+        On JAX (XLA) the select fuses into the update. On TensorFlow (a graph of
+        separate kernels when not XLA-compiled) and PyTorch (eager) it would cost a
+        pass and a parameter-sized zero tensor per variable, so there the update
+        ``a * g`` is applied only where ``finite`` holds and ``a != 0``, where it is
+        the same value: ``tf.cond``, or on PyTorch one host read of ``(finite, a)`` and
+        ``torch._foreach_add_(variables, grads, alpha=a)``, i.e. ``keras.optimizers.SGD``'s
+        own update.
+        """
+        if _BACKEND == "jax":
+            step = core.psd_updates(coeffs, grads, None)
+            self._apply_updates(variables, _cast_like(step, variables))
+            return
+        go = coeffs.finite & (coeffs.grad != 0)
+        if _BACKEND == "torch":
+            import torch
+
+            ok, a = torch.stack([go.to(coeffs.grad.dtype), coeffs.grad]).tolist()
+            if not ok:
+                return
+            if all(_dtype(g) == _dtype(v) for g, v in zip(grads, variables)):
+                torch._foreach_add_([v.value for v in variables], list(grads), alpha=a)
+                return
+
+        def add() -> Any:
+            step = [coefficient_for(coeffs.grad, g) * g for g in grads]
+            self._apply_updates(variables, _cast_like(step, variables))
+            return ops.convert_to_tensor(True)
+
+        if _BACKEND == "torch":
+            add()
+            return
+
+        ops.cond(go, add, lambda: ops.convert_to_tensor(False))
 
     def _perturb_if(
         self,
@@ -486,8 +559,8 @@ class PSD(_CoreOptimizer):
             step_on_perturb=c.step_on_perturb,
         )
         state = PSDState(**self._read_scalars())
-        g2 = tree_sq_norm(grads)
-        finite = tree_all_finite(grads)
+        g2 = _sq_norm(grads)
+        finite = _all_finite(grads, g2)
         dim = tree_size(grads)
         ball = c.noise == "ball"
 
@@ -500,7 +573,7 @@ class PSD(_CoreOptimizer):
         # the core with placeholder noise statistics, then add the noise if it perturbs.
         one = ops.ones_like(g2)
         probe, new_state = coefficients(one, one)
-        self._apply_updates(variables, core.psd_updates(probe, grads, None))
+        self._apply_grad_part(probe, variables, grads)
 
         def noise_updates(normals: list[Any], uniform: Any) -> list[Any]:
             nsq = tree_sq_norm(normals) if ball else None
@@ -640,12 +713,15 @@ class PerturbedAdam(_CoreOptimizer):
         # finite direction, so the moments are final as soon as they are computed
         # (new ones, or the old ones on a skipped step) and are written in the same
         # pass. A perturbation's reset to zeros runs with the noise, in _perturb_if.
-        finite = tree_all_finite(grads)
+        finite = _all_finite(grads, g2)
         dim = tree_size(grads)
         ball = c.noise == "ball"
         mu1, nu1 = core.adam_moments(grads, mu, nu, c.b1, c.b2)
-        m = tree_select(finite, mu1, mu)
-        v = tree_select(finite, nu1, nu)
+        if _BACKEND == "torch":  # eager: the select is a host branch (finite is known)
+            m, v = (mu1, nu1) if bool(finite) else (mu, nu)
+        else:
+            m = tree_select(finite, mu1, mu)
+            v = tree_select(finite, nu1, nu)
         for var, val in zip(mu_vars, m):
             self.assign(var, val)
         for var, val in zip(nu_vars, v):
@@ -675,8 +751,7 @@ class PerturbedAdam(_CoreOptimizer):
 
         one = ops.ones_like(s2)
         (probe, new_state), probe_c = coefficients(one, one)
-        step = core.psd_updates(probe_c, direction, None)
-        self._apply_updates(variables, _cast_like(step, variables))
+        self._apply_grad_part(probe_c, variables, direction)
 
         def noise_updates(normals: list[Any], uniform: Any) -> list[Any]:
             nsq = tree_sq_norm(normals) if ball else None
