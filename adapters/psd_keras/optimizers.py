@@ -193,6 +193,8 @@ def _all_finite(grads: list[Any], sq_norm: Any) -> Any:
     fast = ops.isfinite(sq_norm)
     if _BACKEND == "torch":
         return fast if bool(fast) else tree_all_finite(grads)
+    if _BACKEND == "jax":  # XLA fuses the check into the pass that reads the gradient
+        return tree_all_finite(grads)
     return ops.cond(fast, lambda: fast, lambda: tree_all_finite(grads))
 
 
