@@ -130,6 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--leaves", type=int, default=100, help="number of leaves")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per round")
     ap.add_argument("--repeats", type=int, default=3, help="rounds (best kept)")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated rows to time (each row's baseline is added), e.g. "
+        "'perturbed_adam (fused),perturbed_adam'",
+    )
     args = ap.parse_args(argv)
 
     params0 = make_tree(args.params, args.leaves, 0)
@@ -147,6 +153,26 @@ def main(argv: list[str] | None = None) -> None:
         "perturbed_adam",
         "perturbed_adam (fused)",
     ]
+    baseline = {
+        "sgd": "sgd",
+        "psd": "sgd",
+        "psd (fused)": "sgd",
+        "polyak_sgd": "sgd",
+        "sam_sps": "sgd",
+        "contrib.sam": "sgd",
+        "adam": "adam",
+        "adam + update norm": "adam",
+        "apply_if_finite(adam)": "adam",
+        "perturbed_adam": "adam",
+        "perturbed_adam (fused)": "adam",
+    }
+    if args.only:
+        wanted = {w.strip() for w in args.only.split(",")}
+        unknown = wanted - set(names)
+        if unknown:
+            ap.error(f"--only: unknown rows {sorted(unknown)}; rows are {names}")
+        wanted |= {baseline[w] for w in wanted}
+        names = [n for n in names if n in wanted]
     runs: dict[tuple[str, bool], Any] = {}
     for name in names:
         for donate in (False, True):
@@ -170,19 +196,6 @@ def main(argv: list[str] | None = None) -> None:
             best[key] = min(best[key], (time.perf_counter() - t0) / args.steps)
             run[1], run[2] = params, state
 
-    baseline = {
-        "sgd": "sgd",
-        "psd": "sgd",
-        "psd (fused)": "sgd",
-        "polyak_sgd": "sgd",
-        "sam_sps": "sgd",
-        "contrib.sam": "sgd",
-        "adam": "adam",
-        "adam + update norm": "adam",
-        "apply_if_finite(adam)": "adam",
-        "perturbed_adam": "adam",
-        "perturbed_adam (fused)": "adam",
-    }
     print(
         f"# psd_optax benchmark: {args.params:,} float32 params in {args.leaves} leaves, "
         f"{args.steps} steps x {args.repeats} rounds (best), jax {jax.__version__}, "
@@ -199,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
         print("| " + " | ".join(row) + " |")
     print()
     for name in ("psd", "psd (fused)"):
+        if name not in names or "polyak_sgd" not in names:
+            continue
         for donate in (False, True):
             r = best[(name, donate)] / best[("polyak_sgd", donate)]
             print(f"{name} / polyak_sgd{' (donated)' if donate else ''}: {r:.2f}x")

@@ -26,15 +26,29 @@ Every scalar of the core's state (``count``, ``since_perturb``, ``episode_left``
 
 Randomness
 ----------
-Each step draws ``z ~ N(0, I)`` shaped like the parameters (and one
-``u ~ U(0, 1)`` for ``noise="ball"``) from the optimizer's seed generator, whether
-or not the step perturbs (no data-dependent branch). Tests replace the noise
-source with :meth:`_set_noise_fn` to feed the same draws to the core.
+The noise ``z ~ N(0, I)`` shaped like the parameters (and one ``u ~ U(0, 1)`` for
+``noise="ball"``) is drawn only on a step that perturbs: the gate and the
+gradient (or Adam) part of the step come first, from the core with placeholder
+noise statistics (the gate, that part and the state do not depend on the draws),
+and the noise is added in a branch that runs only when the gate opens
+(:meth:`_CoreOptimizer._perturb_if`): ``tf.cond`` on TensorFlow, a
+``jax.lax.while_loop`` of 0 or 1 trips on JAX (it updates its carried buffers in
+place, where ``lax.cond`` would write both branches' outputs to fresh buffers),
+and a Python ``if`` (one host sync) on PyTorch. A perturbation makes one
+``keras.random.normal`` call per parameter dtype (the draws are split into the
+variables' shapes), each seeded by the optimizer's ``SeedGenerator`` state, which
+then advances by ``[0, 1]`` exactly as ``SeedGenerator.next`` does; on JAX the
+state travels through the loop as a value, so the sequence is traceable and
+deterministic under ``jit``/``stateless_apply``. A step that does not perturb
+neither draws nor advances the state. Tests replace the noise source with
+:meth:`_set_noise_fn` to feed the same draws to the core.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +56,14 @@ import keras
 from keras import ops
 
 import psd_core
+from psd_core import perturbation as core
+from psd_core._array import (
+    coefficient_for,
+    tree_all_finite,
+    tree_select,
+    tree_size,
+    tree_sq_norm,
+)
 from psd_core.perturbation import (
     PerturbedAdamState,
     PSDState,
@@ -148,6 +170,41 @@ def _snapshot(v: Any) -> Any:
     return v.value
 
 
+def _sq_norm(grads: list[Any]) -> Any:
+    """:func:`psd_core._array.tree_sq_norm` of the gradients. On PyTorch with contiguous
+    float32/float64 gradients it is one BLAS dot per tensor (one pass, no temporary,
+    as ``psd_torch`` does) instead of a square and a sum."""
+    if _BACKEND == "torch" and all(
+        _dtype(g) in ("float32", "float64") and g.is_contiguous() for g in grads
+    ):
+        import torch
+
+        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        return torch.stack([torch.dot(g.view(-1), g.view(-1)).to(acc) for g in grads]).sum()
+    return tree_sq_norm(grads)
+
+
+def _all_finite(grads: list[Any], sq_norm: Any) -> Any:
+    """:func:`psd_core._array.tree_all_finite` of ``grads``, read only when needed: a
+    NaN or inf entry makes the squared norm ``sq_norm`` non-finite, so a finite one
+    proves every entry finite, and only a non-finite one (a non-finite entry, or a
+    finite gradient whose square overflows) runs the entrywise check (``ops.cond``;
+    a Python ``if`` on PyTorch). Same value as ``tree_all_finite(grads)`` always."""
+    fast = ops.isfinite(sq_norm)
+    if _BACKEND == "torch":
+        return fast if bool(fast) else tree_all_finite(grads)
+    if _BACKEND == "jax":  # XLA fuses the check into the pass that reads the gradient
+        return tree_all_finite(grads)
+    return ops.cond(fast, lambda: fast, lambda: tree_all_finite(grads))
+
+
+def _cast_like(updates: list[Any], variables: list[Any]) -> list[Any]:
+    """Updates computed in the accumulation dtype, cast once to the variables' dtypes."""
+    return [
+        u if _dtype(u) == _dtype(v) else ops.cast(u, _dtype(v)) for u, v in zip(updates, variables)
+    ]
+
+
 class _CoreOptimizer(keras.optimizers.Optimizer):
     """Shared plumbing: seed generator, scalar state variables, noise draws."""
 
@@ -206,26 +263,144 @@ class _CoreOptimizer(keras.optimizers.Optimizer):
 
         ``normals`` are backend tensors shaped like the variables, ``uniform`` a 0-d
         tensor (or ``None`` for ``noise="gaussian"``). Called once per step at trace
-        time, so only meaningful for eager ``optimizer.apply`` loops. ``None``
-        restores the seed generator.
+        time (on every step, perturbing or not, so that a host stream feeding it
+        stays aligned with one that draws on every step); the draws are used only
+        when the step perturbs. Only meaningful for eager ``optimizer.apply`` loops.
+        ``None`` restores the seed generator.
         """
         self._noise_fn = fn
 
-    def _draws(self, variables: list[Any], ball: bool) -> tuple[list[Any], Any]:
-        if self._noise_fn is not None:
-            return self._noise_fn(variables)
-        normals = []
-        for v in variables:
+    def _draws(self, variables: list[Any], ball: bool, seed: Any) -> tuple[list[Any], Any, Any]:
+        """``(normals, uniform, seed)``: one ``keras.random.normal`` call per draw dtype
+        (float16/bfloat16 variables draw in float32 and are cast), split into the
+        variables' shapes. ``seed`` is the ``SeedGenerator`` (it advances itself), or on
+        JAX the generator's state value, returned advanced by ``[0, 1]`` per call as
+        ``SeedGenerator.next`` would."""
+        gen = self._seed_generator
+
+        def next_seed() -> Any:
+            nonlocal seed
+            if seed is gen:
+                return gen
+            current = seed
+            seed = ops.add(seed, ops.convert_to_tensor([0, 1], dtype=seed.dtype))
+            return current
+
+        groups: dict[str, list[int]] = {}
+        for i, v in enumerate(variables):
             dt = _dtype(v)
-            draw_dt = dt if dt in ("float32", "float64") else "float32"
-            z = keras.random.normal(tuple(v.shape), dtype=draw_dt, seed=self._seed_generator)
-            normals.append(z if draw_dt == dt else ops.cast(z, dt))
+            groups.setdefault(dt if dt in ("float32", "float64") else "float32", []).append(i)
+        normals: list[Any] = [None] * len(variables)
+        for draw_dt, idx in groups.items():
+            sizes = [int(math.prod(variables[i].shape)) for i in idx]
+            z = keras.random.normal((sum(sizes),), dtype=draw_dt, seed=next_seed())
+            parts = [z] if len(idx) == 1 else ops.split(z, list(itertools.accumulate(sizes))[:-1])
+            for i, part in zip(idx, parts):
+                part = ops.reshape(part, tuple(variables[i].shape))
+                dt = _dtype(variables[i])
+                normals[i] = part if dt == draw_dt else ops.cast(part, dt)
         uniform = None
         if ball:
-            uniform = keras.random.uniform(
-                (), dtype=_acc_dtype(variables), seed=self._seed_generator
+            uniform = keras.random.uniform((), dtype=_acc_dtype(variables), seed=next_seed())
+        return normals, uniform, seed
+
+    def _apply_grad_part(
+        self, coeffs: core.PSDCoefficients, variables: list[Any], grads: list[Any]
+    ) -> None:
+        """Adds the core's gradient part ``where(finite, a * g, 0)``
+        (:func:`psd_core.perturbation.psd_updates` with ``normals=None``; ``g`` may be
+        the Adam direction in the accumulation dtype, cast once) to the variables.
+
+        On JAX (XLA) the select fuses into the update. On TensorFlow (a graph of
+        separate kernels when not XLA-compiled) and PyTorch (eager) it would cost a
+        pass and a parameter-sized zero tensor per variable, so there the update
+        ``a * g`` is applied only where ``finite`` holds and ``a != 0``, where it is
+        the same value: ``tf.cond``, or on PyTorch one host read of ``(finite, a)`` and
+        ``torch._foreach_add_(variables, grads, alpha=a)``, i.e. ``keras.optimizers.SGD``'s
+        own update.
+        """
+        if _BACKEND == "jax":
+            step = core.psd_updates(coeffs, grads, None)
+            self._apply_updates(variables, _cast_like(step, variables))
+            return
+        go = coeffs.finite & (coeffs.grad != 0)
+        if _BACKEND == "torch":
+            import torch
+
+            ok, a = torch.stack([go.to(coeffs.grad.dtype), coeffs.grad]).tolist()
+            if not ok:
+                return
+            if all(_dtype(g) == _dtype(v) for g, v in zip(grads, variables)):
+                torch._foreach_add_([v.value for v in variables], list(grads), alpha=a)
+                return
+
+        def add() -> Any:
+            step = [coefficient_for(coeffs.grad, g) * g for g in grads]
+            self._apply_updates(variables, _cast_like(step, variables))
+            return ops.convert_to_tensor(True)
+
+        if _BACKEND == "torch":
+            add()
+            return
+
+        ops.cond(go, add, lambda: ops.convert_to_tensor(False))
+
+    def _perturb_if(
+        self,
+        pred: Any,
+        variables: list[Any],
+        resets: list[Any],
+        noise_updates: Callable[[list[Any], Any], list[Any]],
+        ball: bool,
+    ) -> None:
+        """Where ``pred`` (a 0-d bool tensor) holds: draw, add ``noise_updates(normals,
+        uniform)`` to ``variables`` and set ``resets`` (optimizer variables) to zero.
+        Otherwise nothing is drawn, written or advanced. See the module docstring."""
+        hooked = None if self._noise_fn is None else self._noise_fn(variables)
+        gen = self._seed_generator
+
+        def draw(seed: Any) -> tuple[list[Any], Any, Any]:
+            if hooked is not None:
+                return list(hooked[0]), hooked[1], seed
+            return self._draws(variables, ball, seed)
+
+        if _BACKEND == "jax":
+            import jax
+
+            def body(carry: tuple[Any, ...]) -> tuple[Any, ...]:
+                i, vals, zs, seed = carry
+                normals, uniform, seed = draw(seed)
+                ups = noise_updates(normals, uniform)
+                vals = [x + u for x, u in zip(vals, ups)]
+                return i + 1, vals, [ops.zeros_like(r) for r in zs], seed
+
+            trips = ops.cast(pred, "int32")
+            carry = (
+                ops.zeros((), "int32"),
+                [_read(v) for v in variables],
+                [_read(r) for r in resets],
+                _read(gen.state),
             )
-        return normals, uniform
+            _, vals, zs, seed = jax.lax.while_loop(lambda c: c[0] < trips, body, carry)
+            for v, x in zip(variables, vals):
+                v.assign(x)
+            for r, x in zip(resets, zs):
+                self.assign(r, x)
+            gen.state.assign(seed)
+            return
+
+        def perturb() -> Any:
+            normals, uniform, _ = draw(gen)
+            self._apply_updates(variables, noise_updates(normals, uniform))
+            for r in resets:
+                self.assign(r, ops.zeros_like(_read(r)))
+            return ops.convert_to_tensor(True)
+
+        if _BACKEND == "torch":
+            if bool(pred):  # one host sync, as in psd_torch
+                perturb()
+            return
+        ops.cond(pred, perturb, lambda: ops.convert_to_tensor(False))
 
     def _apply_updates(self, variables: list[Any], updates: list[Any]) -> None:
         if _BACKEND == "torch":
@@ -373,7 +548,7 @@ class PSD(_CoreOptimizer):
 
     def _core_step(self, grads: list[Any], variables: list[Any], lr: Any) -> None:
         c = self._config
-        tx = psd_core.psd(
+        cfg = psd_config(
             lambda _count: lr,
             c.epsilon,
             c.radius,
@@ -386,9 +561,27 @@ class PSD(_CoreOptimizer):
             step_on_perturb=c.step_on_perturb,
         )
         state = PSDState(**self._read_scalars())
-        normals, uniform = self._draws(variables, c.noise == "ball")
-        updates, new_state = tx.update(grads, state, normals=normals, uniform=uniform)
-        self._apply_updates(variables, updates)
+        g2 = _sq_norm(grads)
+        finite = _all_finite(grads, g2)
+        dim = tree_size(grads)
+        ball = c.noise == "ball"
+
+        def coefficients(nsq: Any, uniform: Any) -> tuple[Any, PSDState]:
+            return core.psd_coefficients(
+                g2, state, cfg, dim=dim, noise_sq_norm=nsq, uniform=uniform, finite=finite
+            )
+
+        # The gate, the gradient part and the state do not depend on the draws: ask
+        # the core with placeholder noise statistics, then add the noise if it perturbs.
+        one = ops.ones_like(g2)
+        probe, new_state = coefficients(one, one)
+        self._apply_grad_part(probe, variables, grads)
+
+        def noise_updates(normals: list[Any], uniform: Any) -> list[Any]:
+            nsq = tree_sq_norm(normals) if ball else None
+            return core.psd_updates(coefficients(nsq, uniform)[0], None, normals)
+
+        self._perturb_if(probe.perturb, variables, [], noise_updates, ball)
         self._write_scalars(new_state._asdict())
 
     @property
@@ -502,37 +695,73 @@ class PerturbedAdam(_CoreOptimizer):
 
     def _core_step(self, grads: list[Any], variables: list[Any], lr: Any) -> None:
         c = self._config
-        tx = psd_core.perturbed_adam(
-            lambda _count: lr,
-            c.b1,
-            c.b2,
-            c.eps,
-            c.g_thres,
-            c.t_thres,
-            c.radius,
-            noise=c.noise,
-            eps_mode=c.eps_mode,
-        )
         idx = [self._get_variable_index(v) for v in variables]
         mu_vars = [self._mu[i] for i in idx]
         nu_vars = [self._nu[i] for i in idx]
         s = self._read_scalars()
+        mu = [_read(m) for m in mu_vars]
+        nu = [_read(v) for v in nu_vars]
         state = PerturbedAdamState(
             count=s["count"],
-            mu=[_read(m) for m in mu_vars],
-            nu=[_read(v) for v in nu_vars],
+            mu=mu,
+            nu=nu,
             small_steps=s["small_steps"],
             perturbations=s["perturbations"],
             skipped=s["skipped"],
             perturbed=s["perturbed"],
         )
-        normals, uniform = self._draws(variables, c.noise == "ball")
-        updates, new_state = tx.update(grads, state, normals=normals, uniform=uniform)
-        self._apply_updates(variables, updates)
-        for var, val in zip(mu_vars, new_state.mu):
+        g2 = tree_sq_norm(grads)
+        # Contract C4: a non-finite gradient skips the step; a finite one gives a
+        # finite direction, so the moments are final as soon as they are computed
+        # (new ones, or the old ones on a skipped step) and are written in the same
+        # pass. A perturbation's reset to zeros runs with the noise, in _perturb_if.
+        finite = _all_finite(grads, g2)
+        dim = tree_size(grads)
+        ball = c.noise == "ball"
+        mu1, nu1 = core.adam_moments(grads, mu, nu, c.b1, c.b2)
+        if _BACKEND == "torch":  # eager: the select is a host branch (finite is known)
+            m, v = (mu1, nu1) if bool(finite) else (mu, nu)
+        else:
+            m = tree_select(finite, mu1, mu)
+            v = tree_select(finite, nu1, nu)
+        for var, val in zip(mu_vars, m):
             self.assign(var, val)
-        for var, val in zip(nu_vars, new_state.nu):
+        for var, val in zip(nu_vars, v):
             self.assign(var, val)
+        bc1, bc2 = core.adam_bias_corrections(s["count"] + 1, c.b1, c.b2, g2)
+        # On a finite step these are the new moments' direction; on a skipped step
+        # the update is zero whatever it is.
+        direction = core.adam_direction(m, v, bc1, bc2, c.eps, eps_mode=c.eps_mode)
+        s2 = tree_sq_norm(direction)
+
+        def coefficients(nsq: Any, uniform: Any) -> core.PSDCoefficients:
+            a = core.perturbed_adam_coefficients(
+                s2,
+                g2,
+                state,
+                c,
+                dim=dim,
+                noise_sq_norm=nsq,
+                uniform=uniform,
+                learning_rate=lr,
+                finite=finite,
+            )
+            # The core's generic applier computes where(finite, a * d + b * z, 0).
+            return a, core.PSDCoefficients(
+                grad=a[0].step, noise=a[0].noise, finite=a[0].finite, perturb=a[0].perturb
+            )
+
+        one = ops.ones_like(s2)
+        (probe, new_state), probe_c = coefficients(one, one)
+        self._apply_grad_part(probe_c, variables, direction)
+
+        def noise_updates(normals: list[Any], uniform: Any) -> list[Any]:
+            nsq = tree_sq_norm(normals) if ball else None
+            # in the direction's (accumulation) dtype, cast once, as the core's update
+            z = _cast_like(normals, direction)
+            return _cast_like(core.psd_updates(coefficients(nsq, uniform)[1], None, z), variables)
+
+        self._perturb_if(probe.perturb, variables, mu_vars + nu_vars, noise_updates, ball)
         self._write_scalars(new_state._asdict())
 
     def get_config(self) -> dict[str, Any]:

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import optax
 
 from psd_core import perturbation as core
-from psd_core._array import tree_all_finite, tree_select, tree_size, tree_sq_norm
+from psd_core._array import tree_select, tree_size, tree_sq_norm
 
 from ._common import (
     NoiseFn,
+    all_finite,
     draws_if,
     gaussian_noise,
     init_key,
@@ -59,6 +60,18 @@ def _cast_like(updates: list[jax.Array], leaves: list[jax.Array]) -> list[jax.Ar
     """The updates (computed in the accumulation dtype from the Adam direction) cast
     once to the gradient leaves' dtypes, as the core's vector layer does."""
     return [u.astype(g.dtype) if u.dtype != g.dtype else u for u, g in zip(updates, leaves)]
+
+
+def _core_state(state: PerturbedAdamState, mu: list, nu: list) -> core.PerturbedAdamState:
+    return core.PerturbedAdamState(
+        count=state.count,
+        mu=mu,
+        nu=nu,
+        small_steps=state.small_steps,
+        perturbations=state.perturbations,
+        skipped=state.skipped,
+        perturbed=state.perturbed,
+    )
 
 
 def perturbed_adam(
@@ -150,19 +163,11 @@ def perturbed_adam(
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         mu = treedef.flatten_up_to(state.mu)
         nu = treedef.flatten_up_to(state.nu)
-        cstate = core.PerturbedAdamState(
-            count=state.count,
-            mu=mu,
-            nu=nu,
-            small_steps=state.small_steps,
-            perturbations=state.perturbations,
-            skipped=state.skipped,
-            perturbed=state.perturbed,
-        )
+        cstate = _core_state(state, mu, nu)
         dim = tree_size(leaves)
         g2 = tree_sq_norm(leaves)
         # Contract C4: the skip is decided by the gradient's finiteness alone.
-        finite = tree_all_finite(leaves)
+        finite = all_finite(leaves, g2)
         mu1, nu1 = core.adam_moments(leaves, mu, nu, cfg.b1, cfg.b2)
         bc1, bc2 = core.adam_bias_corrections(state.count + 1, cfg.b1, cfg.b2, g2)
         # In the accumulation dtype (float32 for 16-bit parameters, contract C3).
@@ -229,17 +234,55 @@ def perturbed_adam(
         params: optax.Params,
         **extra_args: Any,
     ) -> tuple[optax.Params, PerturbedAdamState]:
+        """One pass for the usual step: with the skip decided by the gradient alone
+        (contract C4), the moments are final as soon as they are computed (new ones on a
+        finite step, the old ones on a skipped step), so they are written in the pass that
+        computes them, in place under donation. The direction is then computed from the
+        written moments (on a finite step they are the new ones; on a skipped step the
+        update is zero whatever the direction), and no old moment has to survive until the
+        gate is known. A perturbation's moment reset (to zeros) runs with the noise, in
+        the ``lax.while_loop`` of :func:`noise_if` that runs only on a perturbing step."""
         del extra_args
-        leaves, treedef, direction, s2, probe, coefficients, new, m, v = prologue(updates, state)
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        mu = treedef.flatten_up_to(state.mu)
+        nu = treedef.flatten_up_to(state.nu)
         p = treedef.flatten_up_to(params)
+        cstate = _core_state(state, mu, nu)
+        dim = tree_size(leaves)
+        g2 = tree_sq_norm(leaves)
+        finite = all_finite(leaves, g2)  # contract C4: the gradient decides
+        mu1, nu1 = core.adam_moments(leaves, mu, nu, cfg.b1, cfg.b2)
+        m = tree_select(finite, mu1, mu)
+        v = tree_select(finite, nu1, nu)
+        bc1, bc2 = core.adam_bias_corrections(state.count + 1, cfg.b1, cfg.b2, g2)
+        direction = core.adam_direction(m, v, bc1, bc2, cfg.eps, eps_mode=cfg.eps_mode)
+        s2 = tree_sq_norm(direction)
+        one = jnp.ones_like(s2)
+        probe, new = core.perturbed_adam_coefficients(
+            s2, g2, cstate, cfg, dim=dim, noise_sq_norm=one, uniform=one, finite=finite
+        )
         step = core.psd_updates(_as_psd_coeffs(probe), direction, None)
         p = optax.apply_updates(p, _cast_like(step, leaves))
+        n = len(p)
 
-        def add_noise(p: list, normals: list, nsq: jax.Array, u: jax.Array) -> Any:
-            c = _as_psd_coeffs(coefficients(nsq, u))
-            return optax.apply_updates(p, _cast_like(core.psd_updates(c, None, normals), leaves))
+        def add_noise(carry: list, normals: list, nsq: jax.Array, u: jax.Array) -> Any:
+            c = core.perturbed_adam_coefficients(
+                s2,
+                g2,
+                cstate,
+                cfg,
+                dim=dim,
+                noise_sq_norm=nsq if cfg.noise == "ball" else None,
+                uniform=u,
+                finite=finite,
+            )[0]
+            noise = _cast_like(core.psd_updates(_as_psd_coeffs(c), None, normals), leaves)
+            # a perturbation resets both moments (the core's vector layer)
+            reset = [jnp.zeros_like(x) for x in carry[n:]]
+            return list(optax.apply_updates(carry[:n], noise)) + reset
 
-        p, key = noise_if(probe.perturb, state.key, p, leaves, s2, noise_fn, add_noise)
+        out, key = noise_if(probe.perturb, state.key, p + m + v, leaves, s2, noise_fn, add_noise)
+        p, m, v = out[:n], out[n : 2 * n], out[2 * n :]
         return jax.tree_util.tree_unflatten(treedef, p), new_state(treedef, new, m, v, key)
 
     update_fn.fused_apply = fused_apply  # type: ignore[attr-defined]

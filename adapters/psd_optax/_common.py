@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from psd_core._array import tree_acc_dtype, tree_sq_norm
+from psd_core._array import tree_acc_dtype, tree_all_finite, tree_sq_norm
 
 __all__ = [
     "NoiseFn",
@@ -230,6 +230,24 @@ def resolve_hparams(
     if "learning_rate" in values:
         cfg = cfg._replace(learning_rate=clamp_schedule(cfg.learning_rate))
     return cfg
+
+
+def all_finite(leaves: Sequence[jax.Array], sq_norm: jax.Array) -> jax.Array:
+    """:func:`psd_core._array.tree_all_finite` of ``leaves``, read only when needed.
+
+    ``sq_norm`` is their squared norm (:func:`psd_core._array.tree_sq_norm`). A NaN or
+    inf entry makes it non-finite, so a finite ``sq_norm`` proves every entry finite;
+    only a non-finite one (a non-finite entry, or a finite tree whose square
+    overflows) runs the entrywise check, inside ``lax.cond``. The usual step thus
+    saves a pass over the gradient and its parameter-sized boolean temporary. Same
+    value as ``tree_all_finite(leaves)`` in every case (under ``vmap`` both branches
+    run).
+    """
+    return jax.lax.cond(
+        jnp.isfinite(sq_norm),
+        lambda: jnp.ones((), bool),
+        lambda: jnp.asarray(tree_all_finite(list(leaves)), bool),
+    )
 
 
 def _draw(
