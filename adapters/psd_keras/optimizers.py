@@ -189,11 +189,11 @@ def _all_finite(grads: list[Any], sq_norm: Any) -> Any:
     NaN or inf entry makes the squared norm ``sq_norm`` non-finite, so a finite one
     proves every entry finite, and only a non-finite one (a non-finite entry, or a
     finite gradient whose square overflows) runs the entrywise check (``ops.cond``;
-    a Python ``if`` on PyTorch). Same value as ``tree_all_finite(grads)`` always."""
+    on TensorFlow). Same value as ``tree_all_finite(grads)`` always."""
     fast = ops.isfinite(sq_norm)
-    if _BACKEND == "torch":
-        return fast if bool(fast) else tree_all_finite(grads)
-    if _BACKEND == "jax":  # XLA fuses the check into the pass that reads the gradient
+    if _BACKEND in ("jax", "torch"):
+        # JAX: XLA fuses the check into the pass that reads the gradient; torch: the
+        # entrywise check without a host read of ``fast`` (no sync on an accelerator)
         return tree_all_finite(grads)
     return ops.cond(fast, lambda: fast, lambda: tree_all_finite(grads))
 
@@ -719,11 +719,8 @@ class PerturbedAdam(_CoreOptimizer):
         dim = tree_size(grads)
         ball = c.noise == "ball"
         mu1, nu1 = core.adam_moments(grads, mu, nu, c.b1, c.b2)
-        if _BACKEND == "torch":  # eager: the select is a host branch (finite is known)
-            m, v = (mu1, nu1) if bool(finite) else (mu, nu)
-        else:
-            m = tree_select(finite, mu1, mu)
-            v = tree_select(finite, nu1, nu)
+        m = tree_select(finite, mu1, mu)
+        v = tree_select(finite, nu1, nu)
         for var, val in zip(mu_vars, m):
             self.assign(var, val)
         for var, val in zip(nu_vars, v):

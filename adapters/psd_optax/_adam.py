@@ -179,16 +179,7 @@ def perturbed_adam(
         )
 
         def coefficients(nsq: jax.Array, uniform: jax.Array) -> core.AdamCoefficients:
-            return core.perturbed_adam_coefficients(
-                s2,
-                g2,
-                cstate,
-                cfg,
-                dim=dim,
-                noise_sq_norm=nsq if cfg.noise == "ball" else None,
-                uniform=uniform,
-                finite=finite,
-            )[0]
+            return _noise_coefficients(s2, g2, cstate, cfg, dim, finite, nsq, uniform)
 
         # Moments as in the core's vector layer: new ones on a plain finite step,
         # zeros on a perturbation, old ones on a skipped step.
@@ -266,16 +257,7 @@ def perturbed_adam(
         n = len(p)
 
         def add_noise(carry: list, normals: list, nsq: jax.Array, u: jax.Array) -> Any:
-            c = core.perturbed_adam_coefficients(
-                s2,
-                g2,
-                cstate,
-                cfg,
-                dim=dim,
-                noise_sq_norm=nsq if cfg.noise == "ball" else None,
-                uniform=u,
-                finite=finite,
-            )[0]
+            c = _noise_coefficients(s2, g2, cstate, cfg, dim, finite, nsq, u)
             noise = _cast_like(core.psd_updates(_as_psd_coeffs(c), None, normals), leaves)
             # a perturbation resets both moments (the core's vector layer)
             reset = [jnp.zeros_like(x) for x in carry[n:]]
@@ -287,3 +269,20 @@ def perturbed_adam(
 
     update_fn.fused_apply = fused_apply  # type: ignore[attr-defined]
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _noise_coefficients(
+    s2: Any, g2: Any, cstate: Any, cfg: Any, dim: int, finite: Any, nsq: Any, uniform: Any
+) -> core.AdamCoefficients:
+    """The core's coefficients once the noise statistics are drawn (``nsq`` is used by
+    the ball noise only)."""
+    return core.perturbed_adam_coefficients(
+        s2,
+        g2,
+        cstate,
+        cfg,
+        dim=dim,
+        noise_sq_norm=nsq if cfg.noise == "ball" else None,
+        uniform=uniform,
+        finite=finite,
+    )[0]
