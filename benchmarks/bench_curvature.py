@@ -22,10 +22,13 @@ Peak memory of one call, two ways: ``tracemalloc`` (NumPy rows only: NumPy repor
 its buffers to it; LAPACK's workspace is not counted), and for every row the rise of
 the process's peak resident set (``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``, Linux). So that freed buffers leave the resident set,
-the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc serves
-every allocation above 64 KiB by ``mmap`` and returns it on free; without it glibc
-keeps recently freed buffers of up to 32 MiB in the heap and a later call's peak
-reads low). The RSS figure is page-granular: at small ``d`` it is noise. ``k d`` is
+memory is measured in a child process started with ``MALLOC_MMAP_THRESHOLD_=65536``
+(glibc serves every allocation above 64 KiB by ``mmap`` and returns it on free;
+without it glibc keeps recently freed buffers of up to 32 MiB in the heap and a later
+call's peak reads low). The times come from this process, with glibc's default
+allocator, as a user's run has it: under the fixed threshold every temporary is a
+fresh ``mmap`` whose pages fault in on first touch, which made the NumPy and PyTorch
+rows at d = 1e6 about 3x slower (2026-12-01). The RSS figure is page-granular: at small ``d`` it is noise. ``k d`` is
 the size of the Lanczos basis, :math:`k\,d\,` itemsize bytes; the ``/ kd`` column is
 the main peak (tracemalloc for NumPy, RSS otherwise) in those units: O(k d) memory
 means a column that stays bounded as ``d`` grows.
@@ -52,6 +55,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -271,7 +275,10 @@ def dense_measure(
     return times, values[0], peaks[0], rss
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
+def measure(args: argparse.Namespace, memory: bool = True) -> dict[str, Any]:
+    """Rows of the whole grid. ``memory=False``: no memory columns and no dense rows (those
+    come whole from the memory child: the dense approach is compute-bound, so its time
+    does not depend on the allocator)."""
     rows: list[dict[str, Any]] = []
     k = args.k
     for d in args.dims:
@@ -283,8 +290,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             for backend in args.backends:
                 run, compile_s = RUNNERS[backend](lam, u, v0, dtype, k)
                 times, value = timed(run, args.repeats)
-                rss = rss_peak_mib(run)
-                if backend == "numpy":
+                rss = rss_peak_mib(run) if memory else None
+                if not memory:
+                    peak, how = None, ""
+                elif backend == "numpy":
                     peak, how = tracemalloc_peak_mib(run), "tracemalloc"
                 else:
                     peak, how = rss, "RSS peak"
@@ -308,7 +317,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 print_row(rows[-1], file=sys.stderr)
                 del run
                 gc.collect()
-            if d <= args.dense_max:
+            if memory and d <= args.dense_max:
                 times, value, peak, rss = dense_measure(lam, u, dtype, args.dense_repeats)
                 rows.append(
                     dict(
@@ -482,7 +491,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             limits = threadpool_limits(limits=args.blas_threads, user_api="blas")
 
-    result = measure(args)
+    if os.environ.get(_CHILD):
+        result = measure(args)
+        print(json.dumps(result))
+        return result
+    mem = memory_rows(sys.argv[1:] if argv is None else list(argv))
+    result = measure(args, memory=False)
+    result["rows"] = merge_memory(result["rows"], mem)
+    result["meta"]["memory_child"] = "MALLOC_MMAP_THRESHOLD_=65536" if mem else None
     if limits is not None:
         limits.restore_original_limits()
     text = markdown(result)
@@ -497,13 +513,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def _reexec_with_fixed_mmap_threshold() -> None:
-    """Restart this script with ``MALLOC_MMAP_THRESHOLD_`` set (see the module docstring)."""
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+_CHILD = "PSD_BENCH_CURVATURE_MEMORY_CHILD"
+_KEY = ("backend", "method", "dtype", "d")
+
+
+def memory_rows(argv: list[str]) -> list[dict[str, Any]]:
+    """The grid's rows measured in a child with ``MALLOC_MMAP_THRESHOLD_=65536`` (Linux;
+    elsewhere this process's allocator): the memory columns of the table."""
+    if not sys.platform.startswith("linux"):  # pragma: no cover
+        return []
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", **{_CHILD: "1"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            *argv,
+            "--repeats",
+            "1",
+            "--dense-repeats",
+            "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["rows"]
+
+
+def merge_memory(rows: list[dict[str, Any]], mem: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Memory columns from the child's rows; the dense rows from the child, in grid order."""
+    by_key = {tuple(m[k] for k in _KEY): m for m in mem}
+    for r in rows:
+        m = by_key.get(tuple(r[k] for k in _KEY))
+        if m is not None:
+            for k in ("peak_mib", "memory_by", "rss_peak_mib"):
+                r[k] = m[k]
+    ours = {tuple(r[k] for k in _KEY) for r in rows}
+    merged = []
+    for m in mem:  # the child ran the same grid in the same order
+        key = tuple(m[k] for k in _KEY)
+        merged.append(
+            next(r for r in rows if tuple(r[k] for k in _KEY) == key) if key in ours else m
+        )
+    return merged if mem else rows
 
 
 if __name__ == "__main__":
-    _reexec_with_fixed_mmap_threshold()
     main()
