@@ -95,9 +95,11 @@ def test_sam_sps_attributes_and_checkpoint_continue_like_the_peer():
         assert rel < 1e-6
 
 
-def test_perturbed_adam_checkpoint_continues_like_the_peer():
-    """A psd-optimizer checkpoint: Adam's count continues (not restarted), so the next
-    steps equal the peer's (one tensor, no perturbation in the window: g_thres=1e-12)."""
+@pytest.mark.parametrize("cls", [peers.PerturbedAdam, psd_torch.PerturbedAdam])
+def test_perturbed_adam_checkpoint_continues_like_the_peer(cls):
+    """A psd-optimizer checkpoint, loaded into the peer-signature class or the main
+    class: Adam's count continues (not restarted), so the next steps equal the peer's
+    (one tensor, no perturbation in the window: g_thres=1e-12)."""
     g = torch.Generator().manual_seed(0)
     a = Parameter(torch.randn(7, generator=g, dtype=F64))
     o_ref = psd_optimizer.PerturbedAdam([a], lr=0.01, g_thres=1e-12)
@@ -114,10 +116,10 @@ def test_perturbed_adam_checkpoint_continues_like_the_peer():
     for _ in range(5):
         o_ref.step(closure(a))
     b = Parameter(a.detach().clone())
-    o_ours = peers.PerturbedAdam([b], lr=0.01, g_thres=1e-12)
+    o_ours = cls([b], lr=0.01, g_thres=1e-12)
     o_ours.load_state_dict(copy.deepcopy(o_ref.state_dict()))
     assert int(o_ours.adam_state["count"]) == 5
-    for _ in range(5):
+    for _ in range(10):
         o_ref.step(closure(a))
         o_ours.step(closure(b))
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-12, atol=1e-14)
