@@ -58,22 +58,51 @@ class SAM_SPS(_SAM_SPS):
             restore="subtract",
         )
 
-    # The peer's attributes (read from the first group, where this class keeps them).
+    # The peer's attributes: read from the first group, where this class keeps them;
+    # assigning one (as the peer's users do, e.g. to schedule rho) sets it in every group
+    # (the peer's attribute is one value for all groups), validated like the constructor.
+    def _set_everywhere(self, key: str, value: float) -> None:
+        old = [g[key] for g in self.param_groups]
+        try:
+            for g in self.param_groups:
+                g[key] = value
+                g.update(self._validate(g))
+        except (TypeError, ValueError):
+            for g, v in zip(self.param_groups, old):
+                g[key] = v
+            raise
+
     @property
     def rho(self) -> float:
         return self.param_groups[0]["rho"]
+
+    @rho.setter
+    def rho(self, value: float) -> None:
+        self._set_everywhere("rho", value)
 
     @property
     def lambd(self) -> float:
         return self.param_groups[0]["lambd"]
 
+    @lambd.setter
+    def lambd(self, value: float) -> None:
+        self._set_everywhere("lambd", value)
+
     @property
     def f_star(self) -> float:
         return self.param_groups[0]["f_star"]
 
+    @f_star.setter
+    def f_star(self, value: float) -> None:
+        self._set_everywhere("f_star", value)
+
     @property
     def gamma_b(self) -> float:
         return self.param_groups[0]["gamma_b"]
+
+    @gamma_b.setter
+    def gamma_b(self, value: float) -> None:
+        self._set_everywhere("gamma_b", value)
 
     @property
     def grad_norm(self) -> torch.Tensor:

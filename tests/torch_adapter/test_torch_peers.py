@@ -95,6 +95,30 @@ def test_sam_sps_attributes_and_checkpoint_continue_like_the_peer():
         assert rel < 1e-6
 
 
+def test_sam_sps_attribute_assignment_acts_like_the_peer():
+    """The peer's users assign ``opt.rho`` (e.g. a rho schedule) and ``opt.gamma_b``
+    between steps; ours takes the assignment in every group and continues like the peer."""
+    x, y = _data()
+    m_ref, m_ours = _mlp(), _mlp()
+    o_ref = sam_sps.SAM_SPS(m_ref.parameters(), rho=0.05)
+    o_ours = peers.SAM_SPS(m_ours.parameters(), rho=0.05)
+    for i in range(8):
+        if i == 3:
+            for o in (o_ref, o_ours):
+                o.rho, o.gamma_b, o.lambd = 0.2, 0.3, 0.5
+        o_ref.step(_closure(m_ref, x, y))
+        o_ours.step(_closure(m_ours, x, y))
+        lr_ref = o_ref.param_groups[0]["lr"]
+        assert abs(float(o_ours.param_groups[0]["lr"]) - lr_ref) <= 1e-5 * lr_ref  # float32
+        assert lr_ref <= (0.3 if i >= 3 else 1.0)
+        rel = float((_flat(m_ours) - _flat(m_ref)).norm() / _flat(m_ref).norm())
+        assert rel < 1e-6
+    assert (o_ours.rho, o_ours.gamma_b, o_ours.lambd) == (0.2, 0.3, 0.5)
+    with pytest.raises(ValueError, match="rho"):
+        o_ours.rho = -1.0
+    assert o_ours.rho == 0.2 and o_ours.param_groups[0]["rho"] == 0.2
+
+
 @pytest.mark.parametrize("cls", [peers.PerturbedAdam, psd_torch.PerturbedAdam])
 def test_perturbed_adam_checkpoint_continues_like_the_peer(cls):
     """A psd-optimizer checkpoint, loaded into the peer-signature class or the main
