@@ -191,3 +191,63 @@ def test_psdoptimizer_runs_the_episode_inside_step():
 
     o2.step(counting)
     assert len(calls) == 4 and int(o2.psd_state.episodes) == 1 and int(o2.psd_state.count) == 4
+
+
+def _seed_like_peer(opt, seed):
+    """Our generator seeded as the peer's global one: both draw the same normals."""
+    opt.state["generator"] = {"seed": seed, "state": None}
+    torch.manual_seed(seed)
+
+
+@pytest.mark.parametrize("name", ["PSDTorch", "PSDOptimizer", "PerturbedAdam"])
+def test_perturbing_steps_equal_the_peer_with_the_same_draws(name):
+    """Gate open (perturbations happen): with our generator seeded like the peer's
+    global generator, the trajectory, perturbations and escape episodes included, equals
+    the installed peer's (float64, 1e-12). PerturbedAdam: one tensor (the peer's gate is
+    per tensor, ours global)."""
+    if name == "PerturbedAdam":
+        g = torch.Generator().manual_seed(0)
+        a = Parameter(torch.randn(7, generator=g, dtype=F64))
+        b = Parameter(a.detach().clone())
+        kw = dict(lr=0.01, g_thres=10.0, t_thres=2, r=1e-2)
+        o, r = peers.PerturbedAdam([a], **kw), psd_optimizer.PerturbedAdam([b], **kw)
+
+        def closure(opt, p):
+            def c():
+                opt.zero_grad()
+                loss = ((p**2 - 1) ** 2).sum()
+                loss.backward()
+                return loss
+
+            return c
+
+        pairs = [(o, closure(o, a), a), (r, closure(r, b), b)]
+    else:
+        ours, ref = _mlp().double(), _mlp().double()
+        x, y = (t.double() for t in _data())
+        if name == "PSDTorch":
+            kw = dict(lr=1e-2, g_thres=10.0, t_thres=3, r=1e-2)
+            o, r = peers.PSDTorch(ours.parameters(), **kw), psd.PSDTorch(ref.parameters(), **kw)
+        else:
+            kw = dict(lr=1e-2, epsilon=10.0, r=1e-2, T=3)
+            o = peers.PSDOptimizer(ours.parameters(), **kw)
+            r = psd_optimizer.PSDOptimizer(ref.parameters(), **kw)
+
+        def closure(opt, m):
+            def c():
+                opt.zero_grad()
+                return _closure(m, x, y)()
+
+            return c
+
+        pairs = [(o, closure(o, ours), ours), (r, closure(r, ref), ref)]
+    _seed_like_peer(o, 123)
+    for _ in range(10):
+        for opt, c, _m in pairs:
+            opt.step(c)
+    got, want = pairs[0][2], pairs[1][2]
+    if isinstance(got, torch.nn.Module):
+        got, want = _flat(got), _flat(want)
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-12, atol=1e-14)
+    events = o.adam_state["perturbations"] if name == "PerturbedAdam" else o.psd_state.episodes
+    assert int(events) >= 2
