@@ -58,22 +58,51 @@ class SAM_SPS(_SAM_SPS):
             restore="subtract",
         )
 
-    # The peer's attributes (read from the first group, where this class keeps them).
+    # The peer's attributes: read from the first group, where this class keeps them;
+    # assigning one (as the peer's users do, e.g. to schedule rho) sets it in every group
+    # (the peer's attribute is one value for all groups), validated like the constructor.
+    def _set_everywhere(self, key: str, value: float) -> None:
+        old = [g[key] for g in self.param_groups]
+        try:
+            for g in self.param_groups:
+                g[key] = value
+                g.update(self._validate(g))
+        except (TypeError, ValueError):
+            for g, v in zip(self.param_groups, old):
+                g[key] = v
+            raise
+
     @property
     def rho(self) -> float:
         return self.param_groups[0]["rho"]
+
+    @rho.setter
+    def rho(self, value: float) -> None:
+        self._set_everywhere("rho", value)
 
     @property
     def lambd(self) -> float:
         return self.param_groups[0]["lambd"]
 
+    @lambd.setter
+    def lambd(self, value: float) -> None:
+        self._set_everywhere("lambd", value)
+
     @property
     def f_star(self) -> float:
         return self.param_groups[0]["f_star"]
 
+    @f_star.setter
+    def f_star(self, value: float) -> None:
+        self._set_everywhere("f_star", value)
+
     @property
     def gamma_b(self) -> float:
         return self.param_groups[0]["gamma_b"]
+
+    @gamma_b.setter
+    def gamma_b(self, value: float) -> None:
+        self._set_everywhere("gamma_b", value)
 
     @property
     def grad_norm(self) -> torch.Tensor:
@@ -82,7 +111,8 @@ class SAM_SPS(_SAM_SPS):
 
 
 class PerturbedAdam(_PerturbedAdam):
-    """psd-optimizer's ``PerturbedAdam`` signature and defaults; loads its checkpoints."""
+    """psd-optimizer's ``PerturbedAdam`` signature and defaults (without the keyword-only
+    extras); loads its checkpoints like :class:`psd_torch.PerturbedAdam` does."""
 
     def __init__(
         self,
@@ -95,31 +125,6 @@ class PerturbedAdam(_PerturbedAdam):
         r: float = 1e-3,
     ) -> None:
         super().__init__(params, lr, betas, eps, g_thres, t_thres, r)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Our checkpoints, or psd-optimizer's: its per-parameter ``step`` (Adam's count)
-        and ``t - t_noise`` (steps since the last perturbation) become the global
-        ``count`` and ``small_steps``."""
-        per_param = [
-            v for k, v in state_dict.get("state", {}).items() if isinstance(k, int) and "t" in v
-        ]
-        super().load_state_dict(state_dict)
-        if per_param and "perturbed_adam" not in self.state:
-            dev = next(iter(self.param_groups[0]["params"])).device
-            i64 = dict(dtype=torch.int64, device=dev)
-            step = max(int(v["step"]) for v in per_param)
-            since = min(int(v["t"]) - int(v["t_noise"]) for v in per_param)
-            self.state["perturbed_adam"] = {
-                "count": torch.tensor(step, **i64),
-                "small_steps": torch.tensor(since, **i64),
-                "perturbations": torch.tensor(0, **i64),
-                "skipped": torch.tensor(0, **i64),
-                "perturbed": torch.tensor(False, device=dev),
-            }
-            for p, st in self.state.items():
-                if isinstance(p, torch.Tensor):
-                    for k in ("step", "t", "t_noise"):
-                        st.pop(k, None)
 
 
 def _clip(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> None:

@@ -51,6 +51,7 @@ from ._common import (
     check_params,
     check_same_across_groups,
     chunked,
+    first_param,
     foreach_add_,
     global_sq_norm,
     group_by_device_dtype,
@@ -180,6 +181,35 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
             for k, v in self.defaults.items():
                 if k not in ("noise_fn", "differentiable"):  # torch's __setstate__ adds the latter
                     group.setdefault(k, v)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Our checkpoints, or psd-optimizer's ``PerturbedAdam``'s: its per-parameter
+        ``step`` (Adam's count) and ``t - t_noise`` (steps since the last perturbation)
+        become the global ``count`` and ``small_steps``, so Adam's bias correction
+        continues instead of restarting."""
+        per_param = [
+            v
+            for k, v in state_dict.get("state", {}).items()
+            if isinstance(k, int) and isinstance(v, dict) and "t" in v and "t_noise" in v
+        ]
+        super().load_state_dict(state_dict)
+        anchor = first_param(self)
+        if not per_param or "perturbed_adam" in self.state or anchor is None:
+            return
+        i64 = dict(dtype=torch.int64, device=anchor.device)
+        step = max(int(v["step"]) for v in per_param)
+        since = min(int(v["t"]) - int(v["t_noise"]) for v in per_param)
+        self.state["perturbed_adam"] = {
+            "count": torch.tensor(step, **i64),
+            "small_steps": torch.tensor(since, **i64),
+            "perturbations": torch.tensor(0, **i64),
+            "skipped": torch.tensor(0, **i64),
+            "perturbed": torch.tensor(False, device=anchor.device),
+        }
+        for p, st in self.state.items():
+            if isinstance(p, torch.Tensor):
+                for k in ("step", "t", "t_noise"):
+                    st.pop(k, None)
 
     @property
     def config(self) -> PerturbedAdamConfig:

@@ -250,6 +250,25 @@ def test_one_cycle_lr_cycles_perturbed_adam_betas():
     assert len(set(b1s)) > 1 and opt.config.b1 == b1s[-1]
 
 
+def test_one_cycle_lr_default_momentum_cycling_matches_torch_adam():
+    """OneCycleLR with its defaults (cycle_momentum=True cycles betas[0]) on PerturbedAdam
+    with the gate shut equals the same schedule on torch.optim.Adam."""
+    ours, ref = _two_group_params(), _two_group_params()
+    o = PerturbedAdam(list(ours), lr=0.01, g_thres=0.0)
+    r = torch.optim.Adam(list(ref), lr=0.01)
+    s_o = torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=12)
+    s_r = torch.optim.lr_scheduler.OneCycleLR(r, max_lr=0.1, total_steps=12)
+    for _ in range(10):
+        for opt, sched, (a, b) in ((o, s_o, ours), (r, s_r, ref)):
+            opt.zero_grad()
+            _loss(a, b).backward()
+            opt.step()
+            sched.step()
+        assert o.param_groups[0]["betas"] == r.param_groups[0]["betas"]
+    for u, v in zip(ours, ref):
+        torch.testing.assert_close(u.detach(), v.detach(), rtol=1e-12, atol=1e-14)
+
+
 def test_from_theory_takes_named_parameters_and_group_generators():
     model = _model()
     n = sum(p.numel() for p in model.parameters())

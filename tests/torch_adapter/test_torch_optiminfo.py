@@ -2,6 +2,13 @@
 for this project and run on ``PSD``, ``PerturbedAdam`` and ``SAM_SPS`` registered as
 ``OptimizerInfo``\\ s (``optim_infos.py``; the exclusions, each with its reason, are listed
 there). CPU, float32 unless a check needs float64 or complex dtypes.
+
+The torch wheel ships ``torch.testing._internal.common_optimizers`` (used here) but not
+``test/test_optim.py``; the checks follow upstream's ``TestOptimRenewed`` (pytorch/pytorch
+``test/test_optim.py``) test by test. ``*_upstream_form`` / ``*_fresh`` / ``*_every_input``
+variants repeat an upstream check literally where the first version here differs (e.g.
+steps before the hook, or a one-element ``lr``). Upstream checks that are CUDA-only,
+fused-only, sparse-only or LBFGS-specific are listed in ``optim_infos.NOT_PORTED``.
 """
 
 # ruff: noqa: B023  (the closures run inside the loop iteration that defines them)
@@ -103,10 +110,16 @@ def test_optimizer_can_be_printed(info):
 # ------------------------------------------------------------------ direction
 
 
+@pytest.mark.parametrize("with_lrsched", [True, False])
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("info", cases("test_forloop_goes_right_direction"))
-def test_forloop_goes_right_direction(info, contiguous):
-    for oi in info.optim_inputs_func(device="cpu"):
+def test_forloop_goes_right_direction(info, contiguous, with_lrsched):
+    for schedulers_c in info.scheduler_inputs if with_lrsched else [None]:
+        _forloop_goes_right_direction(info, contiguous, schedulers_c or [])
+
+
+def _forloop_goes_right_direction(info, contiguous, schedulers_c):
+    for oi in info.optim_inputs_func(device="cpu"):  # fresh inputs: a Tensor lr is mutated
         kwargs = dict(oi.kwargs, foreach=False)
         torch.manual_seed(0)
         if contiguous:
@@ -116,10 +129,13 @@ def test_forloop_goes_right_direction(info, contiguous):
             bias = Parameter(torch.randn(10, 2)[..., 0])
         x = torch.randn(5)
         opt = info.optim_cls([weight, bias], **kwargs)
+        schedulers = [s(opt) for s in schedulers_c]
         closure = _quadratic(weight, bias, x, opt)
         initial = closure().item()
         for _ in range(20):
             opt.step(closure)
+            for s in schedulers:
+                s.step()
         if kwargs.get("maximize", False):
             assert closure().item() > initial, oi.desc
         else:
@@ -222,6 +238,28 @@ def test_tensor_lr(info):
         torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("info", cases("test_tensor_lr"))
+def test_tensor_lr_every_input(info):
+    """Upstream's form: every input (foreach included), ``lr`` replaced by 1e-3 and by
+    ``torch.tensor(1e-3)`` (0-d); the two runs are equal."""
+    for oi in _all_inputs(info):
+        torch.manual_seed(0)
+        weight, bias = Parameter(torch.randn(10, 5)), Parameter(torch.randn(10))
+        weight_c = weight.detach().clone().requires_grad_(True)
+        bias_c = bias.detach().clone().requires_grad_(True)
+        x = torch.randn(5)
+        kwargs = {k: v for k, v in oi.kwargs.items() if k != "lr"}
+        opt_r = info.optim_cls([weight, bias], **dict(kwargs, lr=1e-3))
+        opt_t = info.optim_cls([weight_c, bias_c], **dict(kwargs, lr=torch.tensor(1e-3)))
+        for _ in range(5):
+            _quadratic(weight, bias, x, opt_r)()
+            _quadratic(weight_c, bias_c, x, opt_t)()
+            opt_r.step()
+            opt_t.step()
+            torch.testing.assert_close(weight, weight_c)
+            torch.testing.assert_close(bias, bias_c)
+
+
 # ------------------------------------------------------------------ implementations
 
 
@@ -318,6 +356,26 @@ def test_non_empty_state(info):
 
         _run_step(opt, info, closure)
         assert len(opt.state) > 0
+        for state in opt.state.values():  # upstream: no entry is empty
+            assert len(state) > 0
+
+
+@pytest.mark.parametrize("info", cases("test_non_empty_state"))
+def test_non_empty_state_upstream_form(info):
+    """Upstream's form: a ``Linear`` model, one backward, then ``step()`` (``step(lambda:
+    1.0)`` for the closure optimizers); every state entry is non-empty."""
+    for oi in info.optim_inputs_func(device="cpu"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 5)
+        opt = info.optim_cls(model.parameters(), **oi.kwargs)
+        opt.zero_grad()
+        model(torch.rand(2, 5)).sum().backward()
+        if info.step_requires_closure:
+            opt.step(lambda: 1.0)
+        else:
+            opt.step()
+        for state in opt.state.values():
+            assert len(state) > 0, oi.desc
 
 
 # ------------------------------------------------------------------ complex
@@ -340,22 +398,33 @@ def test_complex(info):
         ]
         o_c = info.optim_cls(cplx, **oi.kwargs)
         o_r = info.optim_cls(real, **oi.kwargs)
+        seen_r, seen_c = [], []  # the points each closure call sees (SAM_SPS: x and e)
         for _ in range(3):
             grads = [torch.randn_like(p) for p in real]
             loss = torch.rand(())
 
             def closure_r(grads=grads, loss=loss):
+                seen_r.append([p.detach().clone() for p in real])
                 for p, g in zip(real, grads):
                     p.grad = g.clone()
                 return loss
 
             def closure_c(grads=grads, loss=loss):
+                seen_c.append(
+                    [
+                        torch.view_as_real(p.detach()).clone()
+                        if p.is_complex()
+                        else p.detach().clone()
+                        for p in cplx
+                    ]
+                )
                 for p, g in zip(cplx, grads):
                     p.grad = torch.view_as_complex(g.clone()) if p.is_complex() else g.clone()
                 return loss
 
             _run_step(o_r, info, closure_r)
             _run_step(o_c, info, closure_c)
+            torch.testing.assert_close(seen_c, seen_r)
             for pc, pr in zip(cplx, real):
                 got = torch.view_as_real(pc) if pc.is_complex() else pc
                 torch.testing.assert_close(got.detach(), pr.detach())
@@ -426,23 +495,82 @@ def _primed(info, kwargs, steps=10):
     return opt, weight, bias, x
 
 
+def _named(params, is_named):
+    return [(f"name{i}", p) for i, p in enumerate(params)] if is_named else params
+
+
+def _without_param_names(state_dict):
+    out = deepcopy(state_dict)
+    for group in out["param_groups"]:
+        group.pop("param_names", None)
+    return out
+
+
+@pytest.mark.parametrize("is_named_optim1", [True, False])
+@pytest.mark.parametrize("is_named_optim0", [True, False])
 @pytest.mark.parametrize("info", cases("test_state_dict_deterministic"))
-def test_state_dict_deterministic(info):
+def test_state_dict_deterministic(info, is_named_optim0, is_named_optim1):
     for oi in _all_inputs(info):
-        opt, weight, bias, x = _primed(info, oi.kwargs)
+        torch.manual_seed(0)
+        weight, bias = Parameter(torch.randn(2, 3)), Parameter(torch.randn(2))
+        x = torch.randn(3)
+        opt = info.optim_cls(_named([weight, bias], is_named_optim0), **oi.kwargs)
         closure = _quadratic(weight, bias, x, opt)
+        for _ in range(10):
+            opt.step(closure)
         with torch.no_grad():
             wc, bc = Parameter(weight.clone()), Parameter(bias.clone())
-        opt_c = info.optim_cls([wc, bc], **oi.kwargs)
+        opt_c = info.optim_cls(_named([wc, bc], is_named_optim1), **oi.kwargs)
         closure_c = _quadratic(wc, bc, x, opt_c)
         opt_c.load_state_dict(deepcopy(opt.state_dict()))
         for _ in range(10):
             opt.step(closure)
             opt_c.step(closure_c)
             assert torch.equal(weight, wc) and torch.equal(bias, bc), oi.desc
-        assert_same(opt.state_dict(), opt_c.state_dict())
+        assert_same(
+            _without_param_names(opt.state_dict()), _without_param_names(opt_c.state_dict())
+        )
         opt_c.param_groups.extend(opt_c.param_groups)
-        assert opt.state_dict()["param_groups"][-1] == opt_c.state_dict()["param_groups"][-1]
+        assert (
+            _without_param_names(opt.state_dict())["param_groups"][-1]
+            == _without_param_names(opt_c.state_dict())["param_groups"][-1]
+        )
+
+
+@pytest.mark.parametrize("is_named_optim1", [True, False])
+@pytest.mark.parametrize("is_named_optim0", [True, False])
+@pytest.mark.parametrize("info", cases("test_can_load_from_to_named_state_dict"))
+def test_can_load_from_to_named_state_dict(info, is_named_optim0, is_named_optim1):
+    for oi in _all_inputs(info):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 1, stride=2), torch.nn.BatchNorm2d(2))
+        x = torch.rand(1, 4, 16, 16)
+
+        def fwd_bwd(opt):
+            def closure():
+                opt.zero_grad()
+                loss = model(x).sum()
+                loss.backward()
+                return loss
+
+            return closure
+
+        ps = model.named_parameters() if is_named_optim0 else model.parameters()
+        opt = info.optim_cls(ps, **oi.kwargs)
+        for _ in range(3):
+            _run_step(opt, info, fwd_bwd(opt))
+        old = deepcopy(opt.state_dict())
+        ps2 = model.named_parameters() if is_named_optim1 else model.parameters()
+        opt2 = info.optim_cls(ps2, **oi.kwargs)
+        opt2.load_state_dict(old)
+        _run_step(opt2, info, fwd_bwd(opt2))
+        if is_named_optim0 or is_named_optim1:
+            assert opt2.state_dict()["param_groups"][0]["param_names"] == [
+                "0.weight",
+                "0.bias",
+                "1.weight",
+                "1.bias",
+            ]
 
 
 @pytest.mark.parametrize("info", cases("test_can_load_older_state_dict"))
@@ -492,15 +620,22 @@ def test_load_nontensor_step(info):
         _run_step(opt, info, closure)
 
 
+@pytest.mark.parametrize("is_named_optim", [True, False])
 @pytest.mark.parametrize("info", cases("test_save_load_equality_with_weights_only"))
-def test_save_load_equality_with_weights_only(info, tmp_path):
+def test_save_load_equality_with_weights_only(info, is_named_optim, tmp_path):
     for oi in _all_inputs(info):
-        opt, *_ = _primed(info, oi.kwargs, steps=3)
+        torch.manual_seed(0)
+        weight, bias = Parameter(torch.randn(2, 3)), Parameter(torch.randn(2))
+        x = torch.randn(3)
+        opt = info.optim_cls(_named([weight, bias], is_named_optim), **oi.kwargs)
+        closure = _quadratic(weight, bias, x, opt)
+        for _ in range(3):
+            opt.step(closure)
         sd = opt.state_dict()
         path = tmp_path / "opt.pt"
         torch.save(sd, path)
-        loaded = torch.load(path, weights_only=True)
-        assert_same(loaded, sd)
+        assert_same(torch.load(path, weights_only=False), sd)
+        assert_same(torch.load(path, weights_only=True), sd)
 
 
 @pytest.mark.parametrize("info", cases("test_deepcopy_copies_all_public_attrs"))
@@ -608,3 +743,163 @@ def test_load_state_dict_pre_post_hook(info):
     opt2.register_load_state_dict_post_hook(post)
     opt2.load_state_dict(sd)
     assert seen[0][0] == "pre" and seen[0][1] and seen[1] == ("post", True)
+
+
+# ------------------------------------------------------------------ hooks, upstream's form
+# As torch's TestOptimRenewed: fresh optimizers over every input, parameters without
+# gradients, a closure returning the Python number 1 where the algorithm needs one.
+
+
+def _pre_hook(opt):
+    opt.state["test"] = 1
+
+
+def _post_hook(opt, state_dict):
+    if "test" in state_dict["state"]:
+        state_dict["state"].pop("test")
+        state_dict["ran_state_dict_pre_hook"] = True
+    else:
+        state_dict["ran_state_dict_pre_hook"] = False
+    return state_dict
+
+
+def _load_pre_hook1(opt, state_dict):
+    state_dict["param_groups"][0]["lr"] = 0.002
+
+
+def _load_pre_hook2(opt, state_dict):
+    my_state_dict = deepcopy(state_dict)
+    my_state_dict["param_groups"][0]["lr"] = 0.003
+    return my_state_dict
+
+
+def _load_post_hook(opt):
+    opt.state["ran_load_state_dict_pre_hook2"] = opt.param_groups[0]["lr"] == 0.003
+    opt.state["ran_load_state_dict_post_hook"] = True
+
+
+def _fresh(info, oi):
+    return info.optim_cls([torch.rand(2, 3, requires_grad=True)], **oi.kwargs)
+
+
+@pytest.mark.parametrize("info", cases("test_state_dict_pre_hook"))
+def test_state_dict_pre_hook_fresh(info):
+    for oi in _all_inputs(info):
+        opt = _fresh(info, oi)
+        opt.register_state_dict_pre_hook(_pre_hook)
+        assert opt.state_dict()["state"]["test"] == 1
+
+
+@pytest.mark.parametrize("info", cases("test_state_dict_post_hook"))
+def test_state_dict_post_hook_fresh(info):
+    for oi in _all_inputs(info):
+        opt = _fresh(info, oi)
+        opt.register_state_dict_post_hook(_post_hook)
+        assert opt.state_dict()["ran_state_dict_pre_hook"] is False
+
+
+@pytest.mark.parametrize("info", cases("test_state_dict_pre_post_hook"))
+def test_state_dict_pre_post_hook(info):
+    for oi in _all_inputs(info):
+        opt = _fresh(info, oi)
+        opt.register_state_dict_pre_hook(_pre_hook)
+        opt.register_state_dict_post_hook(_post_hook)
+        sd = opt.state_dict()
+        assert "test" not in sd["state"] and sd["ran_state_dict_pre_hook"] is True
+
+
+@pytest.mark.parametrize("info", cases("test_load_state_dict_pre_hook_and_prepend"))
+def test_load_state_dict_pre_hook_and_prepend(info):
+    for oi in _all_inputs(info):
+        opt = _fresh(info, oi)
+        sd = opt.state_dict()
+        opt.register_load_state_dict_pre_hook(_load_pre_hook1)
+        opt.load_state_dict(sd)
+        assert opt.param_groups[0]["lr"] == 0.002
+        opt.register_load_state_dict_pre_hook(_load_pre_hook2, prepend=True)
+        opt.load_state_dict(sd)
+        assert opt.param_groups[0]["lr"] == 0.002  # prepended: hook 1 runs last
+
+
+@pytest.mark.parametrize("info", cases("test_load_state_dict_post_hook"))
+def test_load_state_dict_post_hook(info):
+    for oi in _all_inputs(info):
+        opt = _fresh(info, oi)
+        opt.register_load_state_dict_post_hook(_load_post_hook)
+        opt.load_state_dict(opt.state_dict())
+        assert not opt.state["ran_load_state_dict_pre_hook2"]  # a Tensor lr gives a 0-d bool
+        assert opt.state["ran_load_state_dict_post_hook"] is True
+
+
+@pytest.mark.parametrize("info", cases("test_load_state_dict_pre_post_hook"))
+def test_load_state_dict_pre_post_hook_upstream_form(info):
+    for oi in _all_inputs(info):
+        opt = _fresh(info, oi)
+        opt.register_load_state_dict_pre_hook(_load_pre_hook2)
+        opt.register_load_state_dict_post_hook(_load_post_hook)
+        opt.load_state_dict(opt.state_dict())
+        assert opt.state["ran_load_state_dict_pre_hook2"]
+        assert opt.state["ran_load_state_dict_post_hook"] is True
+
+
+def _dummy_closure(info):
+    return (lambda: 1) if info.step_requires_closure else None
+
+
+@pytest.mark.parametrize("info", cases("test_step_post_hook"))
+def test_step_post_hook(info):
+    params = [torch.tensor([1.0, 1.0])]
+    for oi in _all_inputs(info):
+        opt = info.optim_cls(params, **oi.kwargs)
+        data = [2]
+        handle = opt.register_step_post_hook(lambda o, a, k: data.append(data[-1] + 2))
+        opt.step(_dummy_closure(info))
+        opt.step(_dummy_closure(info))
+        assert data[-1] == 6
+        handle.remove()
+        opt.step(_dummy_closure(info))
+        assert data[-1] == 6
+
+
+@pytest.mark.parametrize("info", cases("test_step_pre_hook"))
+def test_step_pre_hook(info):
+    params = [torch.tensor([1.0, 1.0])]
+    for oi in _all_inputs(info):
+        opt = info.optim_cls(params, **oi.kwargs)
+        data = [5]
+        handle = opt.register_step_pre_hook(lambda o, a, k: data.append(data[-1] + 2))
+        opt.step(_dummy_closure(info))
+        opt.step(_dummy_closure(info))
+        assert data[-1] == 9
+        handle.remove()
+        opt.step(_dummy_closure(info))
+        assert data[-1] == 9
+
+
+@pytest.mark.parametrize("info", cases("test_step_all_hooks"))
+def test_step_all_hooks_with_sgd(info):
+    params = [torch.tensor([1.0, 1.0])]
+    for oi in _all_inputs(info):
+        opt = info.optim_cls(params, **oi.kwargs)
+        opt2 = torch.optim.SGD(params)
+        data = []
+        handles = [
+            register_optimizer_step_pre_hook(lambda o, a, k: data.append(0)),
+            register_optimizer_step_post_hook(lambda o, a, k: data.append(5)),
+        ]
+        try:
+            for o in (opt, opt2):
+                handles.append(o.register_step_pre_hook(lambda o, a, k: data.append(1)))
+                handles.append(o.register_step_post_hook(lambda o, a, k: data.append(2)))
+            opt.step(_dummy_closure(info))
+            assert data == [0, 1, 2, 5]
+            opt2.step(_dummy_closure(info))
+            assert data == [0, 1, 2, 5] * 2
+            opt.step(_dummy_closure(info))
+            assert data == [0, 1, 2, 5] * 3
+        finally:
+            for h in handles:
+                h.remove()
+        opt.step(_dummy_closure(info))
+        opt2.step(_dummy_closure(info))
+        assert data == [0, 1, 2, 5] * 3

@@ -95,9 +95,35 @@ def test_sam_sps_attributes_and_checkpoint_continue_like_the_peer():
         assert rel < 1e-6
 
 
-def test_perturbed_adam_checkpoint_continues_like_the_peer():
-    """A psd-optimizer checkpoint: Adam's count continues (not restarted), so the next
-    steps equal the peer's (one tensor, no perturbation in the window: g_thres=1e-12)."""
+def test_sam_sps_attribute_assignment_acts_like_the_peer():
+    """The peer's users assign ``opt.rho`` (e.g. a rho schedule) and ``opt.gamma_b``
+    between steps; ours takes the assignment in every group and continues like the peer."""
+    x, y = _data()
+    m_ref, m_ours = _mlp(), _mlp()
+    o_ref = sam_sps.SAM_SPS(m_ref.parameters(), rho=0.05)
+    o_ours = peers.SAM_SPS(m_ours.parameters(), rho=0.05)
+    for i in range(8):
+        if i == 3:
+            for o in (o_ref, o_ours):
+                o.rho, o.gamma_b, o.lambd = 0.2, 0.3, 0.5
+        o_ref.step(_closure(m_ref, x, y))
+        o_ours.step(_closure(m_ours, x, y))
+        lr_ref = o_ref.param_groups[0]["lr"]
+        assert abs(float(o_ours.param_groups[0]["lr"]) - lr_ref) <= 1e-5 * lr_ref  # float32
+        assert lr_ref <= (0.3 if i >= 3 else 1.0)
+        rel = float((_flat(m_ours) - _flat(m_ref)).norm() / _flat(m_ref).norm())
+        assert rel < 1e-6
+    assert (o_ours.rho, o_ours.gamma_b, o_ours.lambd) == (0.2, 0.3, 0.5)
+    with pytest.raises(ValueError, match="rho"):
+        o_ours.rho = -1.0
+    assert o_ours.rho == 0.2 and o_ours.param_groups[0]["rho"] == 0.2
+
+
+@pytest.mark.parametrize("cls", [peers.PerturbedAdam, psd_torch.PerturbedAdam])
+def test_perturbed_adam_checkpoint_continues_like_the_peer(cls):
+    """A psd-optimizer checkpoint, loaded into the peer-signature class or the main
+    class: Adam's count continues (not restarted), so the next steps equal the peer's
+    (one tensor, no perturbation in the window: g_thres=1e-12)."""
     g = torch.Generator().manual_seed(0)
     a = Parameter(torch.randn(7, generator=g, dtype=F64))
     o_ref = psd_optimizer.PerturbedAdam([a], lr=0.01, g_thres=1e-12)
@@ -114,10 +140,10 @@ def test_perturbed_adam_checkpoint_continues_like_the_peer():
     for _ in range(5):
         o_ref.step(closure(a))
     b = Parameter(a.detach().clone())
-    o_ours = peers.PerturbedAdam([b], lr=0.01, g_thres=1e-12)
+    o_ours = cls([b], lr=0.01, g_thres=1e-12)
     o_ours.load_state_dict(copy.deepcopy(o_ref.state_dict()))
     assert int(o_ours.adam_state["count"]) == 5
-    for _ in range(5):
+    for _ in range(10):
         o_ref.step(closure(a))
         o_ours.step(closure(b))
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-12, atol=1e-14)
@@ -165,3 +191,63 @@ def test_psdoptimizer_runs_the_episode_inside_step():
 
     o2.step(counting)
     assert len(calls) == 4 and int(o2.psd_state.episodes) == 1 and int(o2.psd_state.count) == 4
+
+
+def _seed_like_peer(opt, seed):
+    """Our generator seeded as the peer's global one: both draw the same normals."""
+    opt.state["generator"] = {"seed": seed, "state": None}
+    torch.manual_seed(seed)
+
+
+@pytest.mark.parametrize("name", ["PSDTorch", "PSDOptimizer", "PerturbedAdam"])
+def test_perturbing_steps_equal_the_peer_with_the_same_draws(name):
+    """Gate open (perturbations happen): with our generator seeded like the peer's
+    global generator, the trajectory, perturbations and escape episodes included, equals
+    the installed peer's (float64, 1e-12). PerturbedAdam: one tensor (the peer's gate is
+    per tensor, ours global)."""
+    if name == "PerturbedAdam":
+        g = torch.Generator().manual_seed(0)
+        a = Parameter(torch.randn(7, generator=g, dtype=F64))
+        b = Parameter(a.detach().clone())
+        kw = dict(lr=0.01, g_thres=10.0, t_thres=2, r=1e-2)
+        o, r = peers.PerturbedAdam([a], **kw), psd_optimizer.PerturbedAdam([b], **kw)
+
+        def closure(opt, p):
+            def c():
+                opt.zero_grad()
+                loss = ((p**2 - 1) ** 2).sum()
+                loss.backward()
+                return loss
+
+            return c
+
+        pairs = [(o, closure(o, a), a), (r, closure(r, b), b)]
+    else:
+        ours, ref = _mlp().double(), _mlp().double()
+        x, y = (t.double() for t in _data())
+        if name == "PSDTorch":
+            kw = dict(lr=1e-2, g_thres=10.0, t_thres=3, r=1e-2)
+            o, r = peers.PSDTorch(ours.parameters(), **kw), psd.PSDTorch(ref.parameters(), **kw)
+        else:
+            kw = dict(lr=1e-2, epsilon=10.0, r=1e-2, T=3)
+            o = peers.PSDOptimizer(ours.parameters(), **kw)
+            r = psd_optimizer.PSDOptimizer(ref.parameters(), **kw)
+
+        def closure(opt, m):
+            def c():
+                opt.zero_grad()
+                return _closure(m, x, y)()
+
+            return c
+
+        pairs = [(o, closure(o, ours), ours), (r, closure(r, ref), ref)]
+    _seed_like_peer(o, 123)
+    for _ in range(10):
+        for opt, c, _m in pairs:
+            opt.step(c)
+    got, want = pairs[0][2], pairs[1][2]
+    if isinstance(got, torch.nn.Module):
+        got, want = _flat(got), _flat(want)
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-12, atol=1e-14)
+    events = o.adam_state["perturbations"] if name == "PerturbedAdam" else o.psd_state.episodes
+    assert int(events) >= 2
