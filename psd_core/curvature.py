@@ -30,6 +30,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -247,7 +248,9 @@ def min_curvature(
       the machine epsilon of the vectors' dtype (float32: :math:`1.2\cdot 10^{-7}`),
       :math:`s_j` the largest :math:`|\alpha_i|`, :math:`\beta_i`, :math:`\|Hv_i\|`
       seen so far (a lower bound of :math:`\|H\|`) and :math:`\tau` = ``tol``
-      (default 64): what is left of :math:`w` is rounding noise; or
+      (default 64; for 16-bit vectors the default threshold is capped at
+      :math:`\sqrt{\varepsilon}\,s_j`, since bfloat16's :math:`64\varepsilon = 0.5`
+      would stop after one step): what is left of :math:`w` is rounding noise; or
     * the second Gram-Schmidt pass removes more than half of :math:`\|w\|^2` (Kahan's
       "twice is enough" test): :math:`w` lies numerically in the span of the basis,
       and normalizing it would break orthogonality.
@@ -265,7 +268,9 @@ def min_curvature(
             ``x``'s namespace); ignored when ``v0`` is given.
         v0: explicit start vector (tree or array like ``x``).
         tol: breakdown tolerance :math:`\tau` in units of machine epsilon times the
-            scale estimate (keyword-only, default 64). Raise it for a noisy ``hvp``
+            scale estimate (keyword-only, default 64, with the threshold capped at
+            :math:`\sqrt{\varepsilon}` relative for 16-bit dtypes; an explicit ``tol`` is
+            used as given). Raise it for a noisy ``hvp``
             (e.g. :func:`hvp_from_grad` with a small ``h``).
 
     Returns:
@@ -285,7 +290,10 @@ def min_curvature(
         vt = HostDraws(seed).normals_like(xt)
     else:
         vt, _ = _as_tree(v0)
-    rel = tau * _finfo_eps(xp, list(xt) + list(vt))
+    eps = _finfo_eps(xp, list(xt) + list(vt))
+    # default: 64 eps, capped at sqrt(eps) (active for 16-bit vectors only: bfloat16's
+    # 64 eps = 0.5 would call a Krylov space invariant after one step)
+    rel = tau * eps if tol is not None else min(tau * eps, math.sqrt(eps))
     like = tree_sq_norm(vt)
     v = tree_lincomb([1.0 / xp.sqrt(like)], [vt])
     basis: list[list[Array]] = [v]

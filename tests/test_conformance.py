@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from backends import backend_params, convert, to_numpy, tol
+from reference import perturbed_adam_reference, psd_reference, sam_sps_reference
 
 import psd_core
 from psd_core import _array as A
@@ -329,3 +330,173 @@ def test_solvers_give_the_same_run_on_every_backend(backend: str) -> None:
         assert got.grad_evals == ref.grad_evals, name
         assert got.episodes == ref.episodes, name
         np.testing.assert_allclose(to_numpy(got.x), ref.x, atol=1e-8, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------
+# The NumPy run itself against independent float64 formulas (SPEC, tests/reference.py)
+# ------------------------------------------------------------------------------------
+
+
+def _steps(grads):
+    """A ``grad_fn`` for tests/reference.py that returns the given gradients in order."""
+    it = iter(grads)
+    return lambda _x: next(it)
+
+
+def test_numpy_reference_run_matches_independent_formulas() -> None:
+    """The run every backend is compared with above equals, entry by entry, a float64
+    transcription written here from SPEC and the docstrings (never the core), so each
+    backend agrees with an independent reference (issue 11: no backend vs itself)."""
+    ref = reference("float64")
+    f = lambda key: flatten(ref[key])  # noqa: E731
+    close = lambda got, want, **kw: np.testing.assert_allclose(  # noqa: E731
+        got, want, **({"rtol": 1e-12, "atol": 1e-12} | kw)
+    )
+    g, z, x = G, Z, X
+    gn, zn = np.sqrt(sum(np.sum(a * a) for a in g)), np.sqrt(sum(np.sum(a * a) for a in z))
+    d = sum(a.size for a in g)
+    u = float(U)
+    # tree helpers and the ball
+    close(f("sq_norm")[0], gn**2)
+    close(f("dot")[0], sum(np.sum(a * b) for a, b in zip(g, z)))
+    for got, a, b in zip(f("lincomb"), g, z):
+        close(got, 0.5 * a - 2.0 * b)
+    for got, a in zip(f("select"), g):
+        close(got, a)
+    ball = 0.3 * u ** (1 / d) / zn
+    for got, a in zip(f("uniform_ball"), z):
+        close(got, ball * a)
+    close(f("ball_scale")[0], ball)
+
+    # PSD trajectories against SPEC's loop (tests/reference.py)
+    for noise, sop in [("ball", False), ("gaussian", True)]:
+        grads = [[(1.0 if k % 3 == 0 else 0.01) * a for a in g] for k in range(6)]
+        want = psd_reference(
+            _steps(grads),
+            x,
+            steps=6,
+            lr=0.1,
+            epsilon=0.5,
+            radius=0.2,
+            episode_length=2,
+            t_thres=1,
+            noise=noise,
+            step_on_perturb=sop,
+            normals=[z] * 6,
+            uniforms=[u] * 6,
+        )
+        for k, (params, episodes, _left, perturbed) in enumerate(ref[f"psd_{noise}"]):
+            for got, w in zip(params, want[k]["params"]):
+                close(to_numpy(got), w)
+            assert int(episodes) == want[k]["episodes"] and bool(perturbed) == want[k]["perturbed"]
+        assert want[-1]["episodes"] >= 1
+    want = psd_reference(
+        _steps([[0.01 * a for a in g]]),
+        x,
+        steps=1,
+        lr=0.1,
+        epsilon=0.5,
+        radius=0.2,
+        episode_length=0,
+        gate="ema",
+        ema_beta=0.5,
+        normals=[z],
+        uniforms=[u],
+    )
+    upd, ema, perturbed = ref["psd_ema"]
+    for got, w, a in zip(upd, want[0]["params"], x):
+        close(to_numpy(got), w - a)
+    assert bool(perturbed) == want[0]["perturbed"]
+    close(float(ema), (0.01 * gn) ** 2)
+
+    # the PSD scalar layer: ||g|| * 0.01 <= epsilon = 1 opens the gate (episode T = 3)
+    grad_c, noise_c, perturb, left = ref["psd_coefficients"]
+    assert bool(perturb) and int(left) == 3
+    close(float(grad_c), 0.0)
+    close(float(noise_c), 0.2 * u ** (1 / d) / zn)
+    assert bool(ref["psd_gate"][0]) == (gn <= 1.0)
+    whole, grad_part, noise_part = ref["psd_updates"]
+    for w, gp, npart, a, b in zip(whole, grad_part, noise_part, g, z):
+        close(w, -0.1 * a + 0.3 * b)
+        close(gp, -0.1 * a)
+        close(npart, 0.3 * b)
+
+    # PerturbedAdam (psd-optimizer's loop) and Adam's pieces
+    grads = [[(1.0 if k < 2 else 1e-6) * a for a in g] for k in range(5)]
+    want = perturbed_adam_reference(
+        grads, x, lr=0.01, g_thres=5.0, t_thres=2, radius=1e-3, normals=[z] * 5
+    )
+    for k, (params, _mu, _nu, perturbations) in enumerate(ref["perturbed_adam"]):
+        for got, w in zip(params, want[k]["params"]):
+            close(to_numpy(got), w)
+        assert int(perturbations) == want[k]["perturbations"]
+    assert want[-1]["perturbations"] >= 1
+    mu, nu, bc1, bc2, direction = ref["adam"]
+    for m, v, dd, a, b in zip(mu, nu, direction, g, z):
+        m_w, v_w = 0.9 * b + 0.1 * a, 0.99 * b * b + 0.01 * a * a
+        close(m, m_w)
+        close(v, v_w)
+        close(dd, (m_w / (1 - 0.9**3)) / (np.sqrt(v_w / (1 - 0.99**3)) + 1e-8))
+    close(float(bc1), 1 - 0.9**3)
+    close(float(bc2), 1 - 0.99**3)
+
+    # SAM-SPS (SPEC section 2) and its scalars
+    def vg(tree):
+        val = sum(0.5 * np.sum(a * a) + 0.25 * np.sum(a**4) for a in tree)
+        return float(val), [a + a**3 for a in tree]
+
+    for lam, wd in [(0.0, 0.0), (1.0, 5e-4)]:
+        want = sam_sps_reference(vg, x, steps=4, rho=0.1, lambd=lam, weight_decay=wd)
+        for k, (params, step_size) in enumerate(ref[f"sam_sps_{lam}"]):
+            for got, w in zip(params, want[k]["params"]):
+                close(to_numpy(got), w)
+            close(float(step_size), want[k]["step_size"])
+    close(float(ref["sam_scale"]), 0.1 * (0.5 + 0.5 / gn))
+    close(float(ref["polyak"]), min(max(2.0 - 0.5 - 0.1, 0.0) / gn**2, 1.0))
+
+    # curvature on the quadratic 1/2 x^T H x (every probe is exact up to rounding)
+    vn = V / np.linalg.norm(V)
+    q = float(vn @ HMAT @ vn)
+    close(float(ref["rayleigh_hvp"]), q)
+    close(float(ref["rayleigh_grad_diff"]), q, atol=1e-10)
+    close(float(ref["rayleigh_values"]), q, atol=1e-10)
+    close(to_numpy(ref["hvp_from_grad"]), HMAT @ V, atol=1e-10)
+    eig = np.linalg.eigvalsh(HMAT)
+    value, ritz = ref["min_curvature"]
+    close(float(value), eig[0], atol=1e-9)
+    close(to_numpy(ritz), eig, atol=1e-9)
+    close(float(ref["min_curvature_dir"]), eig[0], atol=1e-9)
+    probes = [p / np.linalg.norm(p) for p in RNG_PROBES]
+    curv = np.array([p @ HMAT @ p for p in probes])
+    pmin, pidx, pdir, pcurv = ref["probe"]
+    close(to_numpy(pcurv), curv)
+    assert int(pidx) == int(np.argmin(curv))
+    close(float(pmin), curv.min())
+    close(to_numpy(pdir), probes[int(np.argmin(curv))])
+    close(to_numpy(ref["nc_step"]), 0.25 * (-1.0 if V @ vn > 0 else 1.0) * vn)
+    assert bool(ref["strict_saddle"]) == (eig[0] < -0.5)
+
+    # baselines (batched rows), from their docstrings' formulas
+    xb, gb, hb = RNG_XB, RNG_GB, RNG_HB
+    close(ref["gd_step"], xb - 0.1 * gb)
+    x_m, v_m = ref["momentum_step"]
+    close(v_m, 0.9 * gb - 0.1 * gb)
+    close(x_m, xb + 0.9 * gb - 0.1 * gb)
+    close(ref["langevin_step"], xb - 0.1 * (gb + 0.5 * xb))
+    newton = np.stack(
+        [xi - 0.5 * np.linalg.solve(h + 0.1 * np.eye(3), gi) for xi, gi, h in zip(xb, gb, hb)]
+    )
+    close(ref["newton_step"], newton, atol=1e-10)
+    fro = np.sqrt(np.sum(hb * hb, axis=(-1, -2)))
+    close(ref["condition_scaled_step"], xb - (0.5 / fro)[:, None] * gb)
+    close(ref["bfgs_direction"], -np.einsum("nij,nj->ni", hb, gb))
+    bfgs = []
+    for h, s, y in zip(hb, xb, gb):
+        ys = float(y @ s)
+        if ys > 1e-12:
+            r = 1.0 / ys
+            left = np.eye(3) - r * np.outer(s, y)
+            h = left @ h @ left.T + r * np.outer(s, s)
+        bfgs.append(h)
+    close(ref["bfgs_update"], np.stack(bfgs), atol=1e-10)
+    close(ref["row_sq_norm"], np.sum(xb * xb, axis=-1))

@@ -9,7 +9,8 @@ clustered, repeated, indefinite and near-singular spectra and for iteration coun
 from 1 to beyond the dimension.
 
 Tolerances (stated per dtype, relative to ``||H||``): ``TOL[dtype] * ||H||`` with
-``TOL = {float32: 1e-4, float64: 1e-10}``. Ritz values of an orthonormal basis lie in
+``TOL = {float32: 1e-4, float64: 1e-10}`` (16-bit HVPs: ``{float16: 1e-2, bfloat16: 6e-2}``,
+a few units of the dtype's resolution). Ritz values of an orthonormal basis lie in
 ``[lambda_min, lambda_max]``, so *any* iteration count must report a value no lower
 than ``lambda_min - tol``; with enough iterations to span the Krylov space the value
 must equal ``lambda_min`` within ``tol``.
@@ -19,11 +20,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from backends import backend_params, convert, to_numpy
+from backends import DTYPES, available, backend_params, convert, to_numpy
 
 from psd_core import curvature as C
 
-TOL = {"float32": 1e-4, "float64": 1e-10}
+TOL = {"float32": 1e-4, "float64": 1e-10, "float16": 1e-2, "bfloat16": 6e-2}
+LOW = [
+    pytest.param(b, d, id=f"{b}-{d}", marks=pytest.mark.skipif(not available(b), reason=b))
+    for b in ("numpy", "torch", "jax")
+    for d in DTYPES[b]
+    if d in ("float16", "bfloat16")
+]
 
 
 def _orthogonal(d: int, seed: int) -> np.ndarray:
@@ -179,3 +186,22 @@ def test_breakdown_tolerance_is_validated_and_can_be_raised() -> None:
     assert int(loose.krylov_dim) == 1  # everything below 1e15 eps ||H|| counts as breakdown
     exact = C.min_curvature(lambda _x, v: h * v, np.zeros(8), iters=8)
     assert int(exact.krylov_dim) == 8 and float(exact.value) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(("backend", "dtype"), LOW)
+@pytest.mark.parametrize("spectrum", SPECTRA)
+def test_min_curvature_with_16bit_hvps_matches_eigvalsh(backend, dtype, spectrum) -> None:
+    """float16 / bfloat16 parameters and HVPs (the precision matrix's 16-bit column): no
+    invented eigenvalue, padding NaN, and lambda_min within a few units of the dtype's
+    resolution of ``eigvalsh`` of the matrix as the backend holds it."""
+    d = 12
+    for dense in (False, True):
+        h64, _ = _problem(spectrum, d, "float64", dense)
+        h = convert(h64, backend, dtype)
+        h_held = np.asarray(to_numpy(h), dtype=np.float64)  # after the cast to the dtype
+        eig = np.linalg.eigvalsh(h_held)
+        x = convert(np.zeros(d), backend, dtype)
+        v0 = convert(np.random.default_rng(3).standard_normal(d), backend, dtype)
+        for k in (1, 3, d, 2 * d):
+            res = C.min_curvature(lambda _x, v, h=h: h @ v, x, iters=k, v0=v0)
+            _check(res, eig, h_held, dtype, k, full=k >= DISTINCT.get(spectrum, d))

@@ -67,12 +67,14 @@ def test_psd_from_theory_perturbs_at_a_saddle_at_extremes(backend: str, args) ->
     assert int(state.count) == 4 and int(state.episodes) == 1
 
 
-def test_dimension_one_million_constants_and_ball() -> None:
+@pytest.mark.parametrize("backend", backend_params())
+def test_dimension_one_million_constants_and_ball(backend: str) -> None:
     """d = 1e6: the ball scale r u^(1/d)/||z|| stays finite and the radius is r u^(1/d)."""
     from psd_core import random as R
 
     d = 10**6
-    z = [np.random.default_rng(0).standard_normal(d).astype(np.float32)]
-    xi = R.uniform_ball(z, np.float32(1e-30), 1e-3)
-    n = float(np.linalg.norm(xi[0].astype(np.float64)))
+    z = [convert(np.random.default_rng(0).standard_normal(d), backend, "float32")]
+    u = convert(np.asarray(1e-30), backend, "float32")
+    xi = R.uniform_ball(z, u, 1e-3)
+    n = float(np.linalg.norm(np.asarray(to_numpy(xi[0]), dtype=np.float64)))
     assert math.isclose(n, 1e-3 * (1e-30) ** (1 / d), rel_tol=1e-4)
