@@ -31,14 +31,16 @@ The noise ``z ~ N(0, I)`` shaped like the parameters (and one ``u ~ U(0, 1)`` fo
 gradient (or Adam) part of the step come first, from the core with placeholder
 noise statistics (the gate, that part and the state do not depend on the draws),
 and the noise is added in a branch that runs only when the gate opens
-(:meth:`_CoreOptimizer._perturb_if`): ``tf.cond`` on TensorFlow, a
-``jax.lax.while_loop`` of 0 or 1 trips on JAX (it updates its carried buffers in
-place, where ``lax.cond`` would write both branches' outputs to fresh buffers),
-and a Python ``if`` (one host sync) on PyTorch. A perturbation makes one
-``keras.random.normal`` call per parameter dtype (the draws are split into the
-variables' shapes), each seeded by the optimizer's ``SeedGenerator`` state, which
+(:meth:`_CoreOptimizer._perturb_if`): ``tf.cond`` on TensorFlow, a Python ``if``
+(one host sync) on PyTorch, and on JAX a ``jax.lax.cond`` that returns only the
+noise update and the seed state (zeros and the unchanged seed on the other
+branch), added to the variables outside it in the same fused pass as the gradient
+part; PerturbedAdam's reset of the moments on a perturbation is a
+``jax.lax.while_loop`` of 0 or 1 trips that carries only the moments (in place).
+A perturbation makes one ``keras.random.normal`` call per parameter dtype (the
+draws are split into the variables' shapes), each seeded by the optimizer's ``SeedGenerator`` state, which
 then advances by ``[0, 1]`` exactly as ``SeedGenerator.next`` does; on JAX the
-state travels through the loop as a value, so the sequence is traceable and
+state travels through the ``cond`` as a value, so the sequence is traceable and
 deterministic under ``jit``/``stateless_apply``. A step that does not perturb
 neither draws nor advances the state. Tests replace the noise source with
 :meth:`_set_noise_fn` to feed the same draws to the core.
@@ -195,8 +197,10 @@ def _all_finite(grads: list[Any], sq_norm: Any) -> Any:
     """:func:`psd_core._array.tree_all_finite` of ``grads``, read only when needed: a
     NaN or inf entry makes the squared norm ``sq_norm`` non-finite, so a finite one
     proves every entry finite, and only a non-finite one (a non-finite entry, or a
-    finite gradient whose square overflows) runs the entrywise check (``ops.cond``;
-    on TensorFlow). Same value as ``tree_all_finite(grads)`` always."""
+    finite gradient whose square overflows) runs the entrywise check (``ops.cond``,
+    on TensorFlow and JAX: XLA:CPU does not fuse the entrywise check into another
+    pass, it writes a boolean array per variable and reduces it in several passes).
+    Same value as ``tree_all_finite(grads)`` always."""
     fast = ops.isfinite(sq_norm)
     if _BACKEND == "torch":
         # the entrywise check without a host read of ``fast`` (no sync on an accelerator)
