@@ -92,8 +92,10 @@ def test_jax_jit_stateless_apply_equals_eager_apply(name):
         if name == "PSD":
             return _psd()
         noise = "ball" if name.endswith("ball") else "gaussian"
+        # g_thres 5 > sqrt(19) >= the step norm: every step perturbs, and the moments,
+        # nonzero after a large gradient, are reset
         return psd_keras.PerturbedAdam(
-            0.01, g_thres=1.0, t_thres=0, radius=0.05, noise=noise, seed=5
+            0.01, g_thres=5.0, t_thres=0, radius=0.05, noise=noise, seed=5
         )
 
     params, grads = _params(), _grads()
@@ -117,7 +119,7 @@ def test_jax_jit_stateless_apply_equals_eager_apply(name):
     )
     assert not np.array_equal(seed, _np(opt._seed_generator.state.value))  # draws were made
     if name != "PSD":
-        assert int(np.asarray(ov[names.index("perturbations")])) >= 2
+        assert int(np.asarray(ov[names.index("perturbations")])) == len(grads)
         # the last step perturbed: both moments were reset to zero inside the jitted step
         for nm, a in zip(names, ov):
             if "momentum" in nm or "velocity" in nm:
@@ -177,8 +179,8 @@ def test_perturbed_adam_moments_and_step_match_core_and_keras_adam(dtype, monkey
             x = [xi - step * di.astype(dtype) for xi, di in zip(x, d)]
         for a, b in zip(vs, x):
             np.testing.assert_allclose(_np(a.value), b, **tol)
-        for a, b in zip(vs, rs):
-            np.testing.assert_allclose(_np(a.value), _np(b.value), **tol)
+        for a, b in zip(vs, rs):  # Keras's TF Adam rounds some float64 scalars to float32
+            np.testing.assert_allclose(_np(a.value), _np(b.value), rtol=2e-6, atol=1e-6)
         for a, b in zip(opt._mu, m):
             np.testing.assert_allclose(_np(a.value), b, **tol)
         for a, b in zip(opt._nu, v):
