@@ -125,8 +125,12 @@ def _make_values(n: int, k: int, seed: int) -> list[Any]:
     return [rng.standard_normal(s, dtype=np.float32) for s in sizes]
 
 
-def _optimizer_steppers(args: argparse.Namespace, xla: bool) -> dict[str, Callable[[], None]]:
-    """name -> run ``args.steps`` compiled optimizer steps (and wait for them)."""
+def _optimizer_steppers(
+    args: argparse.Namespace, xla: bool, memory: dict[str, float] | None = None
+) -> dict[str, Callable[[], None]]:
+    """name -> run ``args.steps`` compiled optimizer steps (and wait for them). On JAX
+    with ``memory`` given, ``memory[name]`` is the compiled step's temporary buffers
+    (``compile().memory_analysis().temp_size_in_bytes``) over the parameters' bytes."""
     import keras
 
     backend = keras.backend.backend()
@@ -162,6 +166,9 @@ def _optimizer_steppers(args: argparse.Namespace, xla: bool) -> dict[str, Callab
             box = [[v.value for v in variables], [v.value for v in opt.variables]]
             # no aliasing between the donated buffers and the Keras variables
             box = jax.tree_util.tree_map(lambda a: a.copy(), box)
+            if memory is not None:
+                mem = fn.lower(box[0], box[1], grads).compile().memory_analysis()
+                memory[name] = mem.temp_size_in_bytes / (4 * args.params)
 
             def run(fn: Any = fn, box: list[Any] = box) -> None:
                 tv, ov = box
@@ -239,7 +246,8 @@ def run_backend(args: argparse.Namespace) -> dict[str, Any]:
     import keras
 
     backend = keras.backend.backend()
-    opt_runs = {} if args.skip_optimizer else _optimizer_steppers(args, xla=False)
+    memory: dict[str, float] | None = {} if args.memory and backend == "jax" else None
+    opt_runs = {} if args.skip_optimizer else _optimizer_steppers(args, xla=False, memory=memory)
     if backend == "tensorflow" and args.tf_xla and not args.skip_optimizer:
         opt_runs.update(_optimizer_steppers(args, xla=True))
     fit_runs = {} if args.skip_fit else _fit_steppers(args)
@@ -270,6 +278,7 @@ def run_backend(args: argparse.Namespace) -> dict[str, Any]:
         "backend_version": _backend_version(backend),
         "load": statistics.mean(loads),
         "rows": rows,
+        "memory": memory or {},
     }
 
 
@@ -298,6 +307,12 @@ def print_backend(res: dict[str, Any], args: argparse.Namespace) -> None:
         t = TARGETS.get(r["name"].removesuffix(" [XLA]"))
         target = f"<= {t}x" if t else ""
         print(f"| {r['name']} | {r['baseline']} | {r['ms']:.2f} | {r['ratio']:.2f}x | {target} |")
+    if res.get("memory"):
+        print(
+            "\nCompiled step's temporaries (`memory_analysis().temp_size_in_bytes`), in parameter sizes:\n"
+        )
+        for name, x in res["memory"].items():
+            print(f"- {name}: {x:.2f}x")
 
 
 def print_summary(results: list[dict[str, Any]]) -> None:
@@ -336,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mlp-batches", type=int, default=20, help="batches per fit epoch")
     ap.add_argument("--tf-xla", action="store_true", help="also TF jit_compile=True rows")
     ap.add_argument("--torch-threads", type=int, help="torch backend: torch.set_num_threads")
+    ap.add_argument(
+        "--memory", action="store_true", help="JAX: print the compiled steps' temporary bytes"
+    )
     ap.add_argument("--skip-fit", action="store_true")
     ap.add_argument("--skip-optimizer", action="store_true")
     ap.add_argument("--json", action="store_true", help="(child) print one JSON result line")

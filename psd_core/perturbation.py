@@ -88,6 +88,7 @@ __all__ = [
     "PerturbedAdamState",
     "adam_bias_corrections",
     "adam_direction",
+    "adam_eps",
     "adam_moments",
     "perturbed_adam",
     "perturbed_adam_coefficients",
@@ -656,6 +657,24 @@ def adam_bias_corrections(count: Array, b1: float, b2: float, like: Array) -> tu
     return 1.0 - as_scalar(b1, like, acc) ** t, 1.0 - as_scalar(b2, like, acc) ** t
 
 
+def adam_eps(eps: float, bc2: Array, like: Array, *, eps_mode: str = "hat") -> Array:
+    r"""The constant :math:`e` of :func:`adam_direction`'s
+    :math:`d = (m / (1-\beta_1^t)) / (\sqrt{v / (1-\beta_2^t)} + e)` (0-d).
+
+    :math:`e = \epsilon` for ``eps_mode="hat"`` and :math:`\epsilon/\sqrt{1-\beta_2^t}`
+    for ``"keras"``; in ``like``'s accumulation dtype (``bc2`` is the second bias
+    correction). Adapters that apply the direction with their own kernels take it
+    from here.
+    """
+    check_choice("eps_mode", eps_mode, _EPS_MODES)
+    xp = namespace(like)
+    acc = accumulation_dtype(xp, like.dtype)
+    e = as_scalar(eps, like, acc)
+    if eps_mode == "keras":
+        e = e / xp.sqrt(as_scalar(bc2, like, acc))
+    return e
+
+
 def adam_direction(
     mu: Tree, nu: Tree, bc1: Array, bc2: Array, eps: float, *, eps_mode: str = "hat"
 ) -> list[Array]:
@@ -683,9 +702,7 @@ def adam_direction(
             ma, va = _to(xp, mp, acc), _to(xp, vp, acc)
             c1 = coefficient_for(as_scalar(bc1, ma, acc), ma)
             c2 = coefficient_for(as_scalar(bc2, va, acc), va)
-            e = as_scalar(eps, va, acc)
-            if eps_mode == "keras":
-                e = e / xp.sqrt(as_scalar(bc2, va, acc))
+            e = adam_eps(eps, bc2, va, eps_mode=eps_mode)
             dirs.append((ma / c1) / (xp.sqrt(va / c2) + e))
         out.append(dirs[0] if len(dirs) == 1 else _complex(xp, dirs[0], dirs[1], m.dtype))
     return out

@@ -31,14 +31,16 @@ The noise ``z ~ N(0, I)`` shaped like the parameters (and one ``u ~ U(0, 1)`` fo
 gradient (or Adam) part of the step come first, from the core with placeholder
 noise statistics (the gate, that part and the state do not depend on the draws),
 and the noise is added in a branch that runs only when the gate opens
-(:meth:`_CoreOptimizer._perturb_if`): ``tf.cond`` on TensorFlow, a
-``jax.lax.while_loop`` of 0 or 1 trips on JAX (it updates its carried buffers in
-place, where ``lax.cond`` would write both branches' outputs to fresh buffers),
-and a Python ``if`` (one host sync) on PyTorch. A perturbation makes one
-``keras.random.normal`` call per parameter dtype (the draws are split into the
-variables' shapes), each seeded by the optimizer's ``SeedGenerator`` state, which
+(:meth:`_CoreOptimizer._perturb_if`): ``tf.cond`` on TensorFlow, a Python ``if``
+(one host sync) on PyTorch, and on JAX a ``jax.lax.cond`` that returns only the
+noise update and the seed state (zeros and the unchanged seed on the other
+branch), added to the variables outside it in the same fused pass as the gradient
+part; PerturbedAdam's reset of the moments on a perturbation is a
+``jax.lax.while_loop`` of 0 or 1 trips that carries only the moments (in place).
+A perturbation makes one ``keras.random.normal`` call per parameter dtype (the
+draws are split into the variables' shapes), each seeded by the optimizer's ``SeedGenerator`` state, which
 then advances by ``[0, 1]`` exactly as ``SeedGenerator.next`` does; on JAX the
-state travels through the loop as a value, so the sequence is traceable and
+state travels through the ``cond`` as a value, so the sequence is traceable and
 deterministic under ``jit``/``stateless_apply``. A step that does not perturb
 neither draws nor advances the state. Tests replace the noise source with
 :meth:`_set_noise_fn` to feed the same draws to the core.
@@ -181,6 +183,13 @@ def _sq_norm(grads: list[Any]) -> Any:
 
         acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
         return torch.stack([torch.dot(g.view(-1), g.view(-1)).to(acc) for g in grads]).sum()
+    if _BACKEND == "jax":
+        import jax
+
+        # Behind an optimization barrier XLA cannot merge ``g * g`` with the same
+        # product in Adam's second moment, which would materialize it (one write and
+        # one read of the gradient's size); the reduction then reads ``g`` itself.
+        return tree_sq_norm(jax.lax.optimization_barrier(list(grads)))
     return tree_sq_norm(grads)
 
 
@@ -188,12 +197,13 @@ def _all_finite(grads: list[Any], sq_norm: Any) -> Any:
     """:func:`psd_core._array.tree_all_finite` of ``grads``, read only when needed: a
     NaN or inf entry makes the squared norm ``sq_norm`` non-finite, so a finite one
     proves every entry finite, and only a non-finite one (a non-finite entry, or a
-    finite gradient whose square overflows) runs the entrywise check (``ops.cond``;
-    on TensorFlow). Same value as ``tree_all_finite(grads)`` always."""
+    finite gradient whose square overflows) runs the entrywise check (``ops.cond``,
+    on TensorFlow and JAX: XLA:CPU does not fuse the entrywise check into another
+    pass, it writes a boolean array per variable and reduces it in several passes).
+    Same value as ``tree_all_finite(grads)`` always."""
     fast = ops.isfinite(sq_norm)
-    if _BACKEND in ("jax", "torch"):
-        # JAX: XLA fuses the check into the pass that reads the gradient; torch: the
-        # entrywise check without a host read of ``fast`` (no sync on an accelerator)
+    if _BACKEND == "torch":
+        # the entrywise check without a host read of ``fast`` (no sync on an accelerator)
         return tree_all_finite(grads)
     return ops.cond(fast, lambda: fast, lambda: tree_all_finite(grads))
 
@@ -203,6 +213,45 @@ def _cast_like(updates: list[Any], variables: list[Any]) -> list[Any]:
     return [
         u if _dtype(u) == _dtype(v) else ops.cast(u, _dtype(v)) for u, v in zip(updates, variables)
     ]
+
+
+def _torch_foreach_adam(grads: list[Any], mu: list[Any]) -> bool:
+    """Whether :func:`_torch_adam_direction_` applies: PyTorch, float32/float64
+    moments and gradients of the same dtype (16-bit moments take the core's path,
+    which rounds once per moment, from the accumulation dtype)."""
+    return _BACKEND == "torch" and all(
+        _dtype(m) in ("float32", "float64") and _dtype(g) == _dtype(m) for g, m in zip(grads, mu)
+    )
+
+
+def _torch_adam_direction_(
+    grads: list[Any],
+    mu: list[Any],
+    nu: list[Any],
+    finite: Any,
+    bc1: Any,
+    bc2: Any,
+    c: core.PerturbedAdamConfig,
+) -> list[Any]:
+    """PyTorch: :func:`psd_core.perturbation.adam_moments` written into the moment
+    tensors ``mu``/``nu`` in place and :func:`psd_core.perturbation.adam_direction`
+    returned, with ``psd_torch.PerturbedAdam``'s ``torch._foreach_*`` kernels (tested
+    against the core functions). Every coefficient comes from the core: the decay
+    rates, the bias corrections ``bc1``/``bc2`` and the constant ``e`` of
+    :func:`psd_core.perturbation.adam_eps` (Keras's ``epsilon`` convention). A
+    non-finite gradient leaves the moments untouched (contract C4); one host read
+    of ``(finite, bc1, bc2, e)``, as ``psd_torch`` does."""
+    import torch
+
+    from psd_torch.perturbed_adam import PerturbedAdam as TorchPerturbedAdam
+
+    e = core.adam_eps(c.eps, bc2, mu[0], eps_mode=c.eps_mode)
+    fin, b1c, b2c, ec = torch.stack(
+        [finite.to(bc1.dtype), bc1, ops.cast(bc2, bc1.dtype), ops.cast(e, bc1.dtype)]
+    ).tolist()
+    if fin:
+        TorchPerturbedAdam._moments_(list(grads), list(mu), list(nu), c.b1, c.b2, True)
+    return TorchPerturbedAdam._direction(list(mu), list(nu), b1c, b2c, ec, True)
 
 
 class _CoreOptimizer(keras.optimizers.Optimizer):
@@ -366,26 +415,38 @@ class _CoreOptimizer(keras.optimizers.Optimizer):
 
         if _BACKEND == "jax":
             import jax
+            import jax.numpy as jnp
 
-            def body(carry: tuple[Any, ...]) -> tuple[Any, ...]:
-                i, vals, zs, seed = carry
+            # Only the noise update (and the seed state) crosses the ``lax.cond``
+            # (psd_optax's ``draws_if``): the variables stay outside it, so their
+            # update (gradient part + noise) is one fused add. A 0-trip ``while_loop``
+            # carrying the variables cost 2x to 4x the step (issue 16, docs/benchmarks.md).
+            def on(seed: Any) -> tuple[list[Any], Any]:
                 normals, uniform, seed = draw(seed)
-                ups = noise_updates(normals, uniform)
-                vals = [x + u for x, u in zip(vals, ups)]
-                return i + 1, vals, [ops.zeros_like(r) for r in zs], seed
+                ups = _cast_like(noise_updates(normals, uniform), variables)
+                return ups, seed
 
-            trips = ops.cast(pred, "int32")
-            carry = (
-                ops.zeros((), "int32"),
-                [_read(v) for v in variables],
-                [_read(r) for r in resets],
-                _read(gen.state),
-            )
-            _, vals, zs, seed = jax.lax.while_loop(lambda c: c[0] < trips, body, carry)
-            for v, x in zip(variables, vals):
-                v.assign(x)
-            for r, x in zip(resets, zs):
-                self.assign(r, x)
+            def off(seed: Any) -> tuple[list[Any], Any]:
+                return [jnp.zeros(tuple(v.shape), _dtype(v)) for v in variables], seed
+
+            ups, seed = jax.lax.cond(pred, on, off, _read(gen.state))
+            self._apply_updates(variables, ups)
+            if resets:
+                # The moments are final when written (contract C4); a perturbation
+                # zeroes them in place, in a loop of 0 or 1 trips that carries only
+                # them (a select outside would keep the new moments in temporaries
+                # until the gate, which needs the direction's norm, is known).
+                def zero(carry: tuple[Any, list[Any]]) -> tuple[Any, list[Any]]:
+                    return carry[0] + 1, [jnp.zeros_like(x) for x in carry[1]]
+
+                trips = ops.cast(pred, "int32")
+                _, zs = jax.lax.while_loop(
+                    lambda c: c[0] < trips,
+                    zero,
+                    (jnp.zeros((), "int32"), [_read(r) for r in resets]),
+                )
+                for r, x in zip(resets, zs):
+                    self.assign(r, x)
             gen.state.assign(seed)
             return
 
@@ -710,7 +771,7 @@ class PerturbedAdam(_CoreOptimizer):
             skipped=s["skipped"],
             perturbed=s["perturbed"],
         )
-        g2 = tree_sq_norm(grads)
+        g2 = _sq_norm(grads)
         # Contract C4: a non-finite gradient skips the step; a finite one gives a
         # finite direction, so the moments are final as soon as they are computed
         # (new ones, or the old ones on a skipped step) and are written in the same
@@ -718,18 +779,23 @@ class PerturbedAdam(_CoreOptimizer):
         finite = _all_finite(grads, g2)
         dim = tree_size(grads)
         ball = c.noise == "ball"
-        mu1, nu1 = core.adam_moments(grads, mu, nu, c.b1, c.b2)
-        m = tree_select(finite, mu1, mu)
-        v = tree_select(finite, nu1, nu)
-        for var, val in zip(mu_vars, m):
-            self.assign(var, val)
-        for var, val in zip(nu_vars, v):
-            self.assign(var, val)
         bc1, bc2 = core.adam_bias_corrections(s["count"] + 1, c.b1, c.b2, g2)
-        # On a finite step these are the new moments' direction; on a skipped step
-        # the update is zero whatever it is.
-        direction = core.adam_direction(m, v, bc1, bc2, c.eps, eps_mode=c.eps_mode)
-        s2 = tree_sq_norm(direction)
+        if _torch_foreach_adam(grads, mu):
+            # the variables' own tensors, updated in place
+            mu_t, nu_t = [m.value for m in mu_vars], [v.value for v in nu_vars]
+            direction = _torch_adam_direction_(grads, mu_t, nu_t, finite, bc1, bc2, c)
+        else:
+            mu1, nu1 = core.adam_moments(grads, mu, nu, c.b1, c.b2)
+            m = tree_select(finite, mu1, mu)
+            v = tree_select(finite, nu1, nu)
+            for var, val in zip(mu_vars, m):
+                self.assign(var, val)
+            for var, val in zip(nu_vars, v):
+                self.assign(var, val)
+            # On a finite step these are the new moments' direction; on a skipped
+            # step the update is zero whatever it is.
+            direction = core.adam_direction(m, v, bc1, bc2, c.eps, eps_mode=c.eps_mode)
+        s2 = _sq_norm(direction)
 
         def coefficients(nsq: Any, uniform: Any) -> core.PSDCoefficients:
             a = core.perturbed_adam_coefficients(
