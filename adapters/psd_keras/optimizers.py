@@ -204,16 +204,22 @@ def _all_finite(grads: list[Any], sq_norm: Any) -> Any:
     fast = ops.isfinite(sq_norm)
     if _BACKEND == "torch":
         # No host read of ``fast`` (no sync on an accelerator): every entry is finite iff
-        # every max |g_i| is (NaN and inf propagate through the max), one read pass per
-        # tensor with no temporary (``torch._foreach_norm`` with ord=inf), where the
-        # entrywise ``isfinite`` writes a boolean tensor per variable.
+        # each tensor's min and max are (NaN propagates through both, +inf reaches the
+        # max, -inf the min). ``torch.aminmax`` is one vectorized read pass; the entrywise
+        # ``isfinite(g).all()`` writes a boolean tensor per variable and was 7x slower
+        # (and ``_foreach_norm(g, inf)`` 6x) at 100 tensors of 1e5 float32 on one thread.
         import torch
 
-        nonempty = [g for g in grads if g.numel() > 0]  # the inf-norm of nothing is undefined
+        nonempty = [g for g in grads if g.numel() > 0]  # min/max of nothing are undefined
         if not nonempty:
             return torch.ones((), dtype=torch.bool, device=_torch_device(grads))
-        peaks = torch._foreach_norm(nonempty, float("inf"))
-        return torch.stack([torch.isfinite(p) for p in peaks]).all()
+        checks = [
+            torch.isfinite(g).all()
+            if g.is_complex()
+            else torch.isfinite(torch.stack(torch.aminmax(g))).all()
+            for g in nonempty
+        ]
+        return torch.stack(checks).all()
     return ops.cond(fast, lambda: fast, lambda: tree_all_finite(grads))
 
 

@@ -189,3 +189,37 @@ def test_budget_beyond_int32_escapes_the_quartic_saddle(dtype):
     assert int(_np(opt.psd_state.episodes)) == want[-1]["episodes"] == 1
     np.testing.assert_allclose(np.abs(_np(v)), 1 / math.sqrt(2), rtol=RTOL[dtype], atol=1e-3)
     np.testing.assert_allclose(_np(v), want[-1]["params"][0], rtol=RTOL[dtype], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["finite", "huge_finite", "nan", "pos_inf", "neg_inf", "with_empty", "bfloat16_nan"],
+)
+def test_gradient_finiteness_check_is_entrywise(case):
+    """The adapter's finiteness check (``_all_finite``, a cheap reduction per tensor on
+    PyTorch and a guarded entrywise check on TF/JAX) against NumPy's entrywise
+    ``isfinite``: a finite gradient whose square overflows is finite, a single NaN,
+    +inf or -inf anywhere is not, and an empty tensor does not change the verdict."""
+    from psd_keras.optimizers import _all_finite
+
+    inf = float("inf")
+    dtype = "float32"
+    leaves = [np.linspace(-2.0, 3.0, 12).reshape(3, 4), np.ones(5)]
+    if case == "huge_finite":
+        leaves[1] = np.full(5, 1e20)
+    elif case == "nan":
+        leaves[0][1, 2] = np.nan
+    elif case == "pos_inf":
+        leaves[1][4] = inf
+    elif case == "neg_inf":
+        leaves[0][0, 0] = -inf
+    elif case == "with_empty":
+        leaves.append(np.zeros((0, 3)))
+    elif case == "bfloat16_nan":
+        dtype = "bfloat16"
+        leaves[1][0] = np.nan
+    expected = all(np.isfinite(x).all() for x in leaves)
+    grads = [keras.ops.convert_to_tensor(x.astype(np.float32), dtype=dtype) for x in leaves]
+    sq = sum(keras.ops.sum(keras.ops.square(keras.ops.cast(g, "float32"))) for g in grads)
+    got = bool(keras.ops.convert_to_numpy(_all_finite(grads, sq)))
+    assert got == expected
