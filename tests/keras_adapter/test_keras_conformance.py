@@ -66,12 +66,20 @@ def _keras_run(model, opt, X, Y, steps, run_eagerly=True, jit_compile=False):
     return traj
 
 
-def _compare(traj_k, traj_c):
+def _compare(traj_k, traj_c, tol=TOL):
     assert len(traj_k) == len(traj_c)
     for step, (pk, pc) in enumerate(zip(traj_k, traj_c)):
         for leaf, (a, b) in enumerate(zip(pk, pc)):
             assert a.dtype == np.float32
-            np.testing.assert_allclose(a, b, **TOL, err_msg=f"step {step} leaf {leaf}")
+            np.testing.assert_allclose(a, b, **tol, err_msg=f"step {step} leaf {leaf}")
+
+
+# SAM-SPS fit: 8 float32 steps whose Polyak step size divides by a difference of losses
+# and gradient inner products, so float32 rounding (XLA's fusion order on JAX, which
+# depends on what the process compiled before) is amplified: a lone run of this file on
+# JAX gave 1.2e-5 absolute (1e-4 relative) at step 6 against the NumPy core run. Dropping
+# the weight decay (1e-3) from the reference moves the trajectory by far more (checked).
+SAM_TOL = dict(rtol=1e-4, atol=3e-5)
 
 
 PSD_CASES = [
@@ -229,7 +237,7 @@ def test_sam_sps_fit_matches_core(
         upd, state = tx.update(g, state, p, value_and_grad_fn=mlp.value_and_grad, value=loss)
         p = psd_core.apply_updates(p, upd)
         traj_c.append([q.copy() for q in p])
-    _compare(traj_k, traj_c)
+    _compare(traj_k, traj_c, SAM_TOL)
     np.testing.assert_allclose(_np(opt.step_size), state.step_size, rtol=1e-4)
     assert float(state.step_size) > 0
     assert int(_np(opt._state["count"])) == 8
