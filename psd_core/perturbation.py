@@ -90,6 +90,7 @@ __all__ = [
     "adam_direction",
     "adam_eps",
     "adam_moments",
+    "adam_store",
     "perturbed_adam",
     "perturbed_adam_coefficients",
     "perturbed_adam_config",
@@ -618,12 +619,21 @@ def _to(xp: Any, x: Array, dtype: Any) -> Array:
 
 
 def adam_moments(
-    grads: Tree, mu: Tree, nu: Tree, b1: float, b2: float
+    grads: Tree, mu: Tree, nu: Tree, b1: float, b2: float, *, accumulate: bool = False
 ) -> tuple[list[Array], list[Array]]:
     r"""Adam moments :math:`m^+ = \beta_1 m + (1-\beta_1) g`, :math:`v^+ = \beta_2 v + (1-\beta_2) g^2`.
 
-    Computed in the accumulation dtype (float32 for 16-bit moments) and stored in
-    the moments' own dtype.
+    Computed in the accumulation dtype (float32 for 16-bit moments) and returned in
+    the moments' own dtype (for storage), or, with ``accumulate=True``, in the
+    accumulation dtype: the direction must be computed from those, before they are
+    rounded for storage. In float16 :math:`(1-\beta_2) g^2` underflows to 0 for
+    :math:`|g| \lesssim 8\cdot 10^{-3}`; a direction from the stored :math:`v^+ = 0`
+    would be :math:`\hat m/\epsilon` (a step of :math:`10^{6}` lr and more), where
+    fused Adam kernels, which round only for storage, step by about lr.
+
+    :math:`(1-\beta_2) g^2` is evaluated as :math:`((1-\beta_2) g)\, g`, as
+    ``torch.optim.Adam``'s ``addcmul`` does: a finite :math:`g = 10^{20}` in float32
+    then gives :math:`v^+ = 10^{37}` instead of an overflow.
     """
     xp = namespace(grads)
     mu_new, nu_new = [], []
@@ -632,13 +642,24 @@ def adam_moments(
             # torch's convention: Adam on the real and imaginary parts (view_as_real)
             mu_new.append(b1 * m + (1.0 - b1) * _to(xp, g, m.dtype))
             re, im = xp.real(g), xp.imag(g)
-            nu_new.append(b2 * v + (1.0 - b2) * _complex(xp, re * re, im * im, v.dtype))
+            nu_new.append(
+                b2 * v + _complex(xp, ((1.0 - b2) * re) * re, ((1.0 - b2) * im) * im, v.dtype)
+            )
             continue
         acc = accumulation_dtype(xp, m.dtype)
         ga = _to(xp, g, acc)
-        mu_new.append(_to(xp, b1 * _to(xp, m, acc) + (1.0 - b1) * ga, m.dtype))
-        nu_new.append(_to(xp, b2 * _to(xp, v, acc) + (1.0 - b2) * (ga * ga), v.dtype))
+        m1 = b1 * _to(xp, m, acc) + (1.0 - b1) * ga
+        v1 = b2 * _to(xp, v, acc) + ((1.0 - b2) * ga) * ga
+        mu_new.append(m1 if accumulate else _to(xp, m1, m.dtype))
+        nu_new.append(v1 if accumulate else _to(xp, v1, v.dtype))
     return mu_new, nu_new
+
+
+def adam_store(moments: Tree, like: Tree) -> list[Array]:
+    """Moments from :func:`adam_moments` with ``accumulate=True``, rounded once to the
+    dtypes of ``like`` (the stored moments) for storage."""
+    xp = namespace(like)
+    return [_to(xp, a, m.dtype) for a, m in zip(moments, like)]
 
 
 def _complex(xp: Any, re: Array, im: Array, dtype: Any) -> Array:
@@ -659,7 +680,7 @@ def adam_bias_corrections(count: Array, b1: float, b2: float, like: Array) -> tu
 
 def adam_eps(eps: float, bc2: Array, like: Array, *, eps_mode: str = "hat") -> Array:
     r"""The constant :math:`e` of :func:`adam_direction`'s
-    :math:`d = (m / (1-\beta_1^t)) / (\sqrt{v / (1-\beta_2^t)} + e)` (0-d).
+    :math:`d = (m / (1-\beta_1^t)) / (\sqrt{v} / \sqrt{1-\beta_2^t} + e)` (0-d).
 
     :math:`e = \epsilon` for ``eps_mode="hat"`` and :math:`\epsilon/\sqrt{1-\beta_2^t}`
     for ``"keras"``; in ``like``'s accumulation dtype (``bc2`` is the second bias
@@ -703,7 +724,9 @@ def adam_direction(
             c1 = coefficient_for(as_scalar(bc1, ma, acc), ma)
             c2 = coefficient_for(as_scalar(bc2, va, acc), va)
             e = adam_eps(eps, bc2, va, eps_mode=eps_mode)
-            dirs.append((ma / c1) / (xp.sqrt(va / c2) + e))
+            # sqrt(v) / sqrt(bc2), not sqrt(v / bc2): v / bc2 overflows for v near the
+            # top of the range (v = 1e37 from g = 1e20 in float32), as torch.optim.Adam
+            dirs.append((ma / c1) / (xp.sqrt(va) / xp.sqrt(c2) + e))
         out.append(dirs[0] if len(dirs) == 1 else _complex(xp, dirs[0], dirs[1], m.dtype))
     return out
 
@@ -838,9 +861,12 @@ def perturbed_adam(
         check_same_shapes("normals", normals, "grads", grads)
         xp = namespace(grads)
         g2 = tree_sq_norm(grads)
-        mu1, nu1 = adam_moments(grads, state.mu, state.nu, cfg.b1, cfg.b2)
+        # the direction from the new moments in the accumulation dtype, rounded only
+        # for storage (as fused Adam kernels do)
+        mu1a, nu1a = adam_moments(grads, state.mu, state.nu, cfg.b1, cfg.b2, accumulate=True)
+        mu1, nu1 = adam_store(mu1a, state.mu), adam_store(nu1a, state.nu)
         bc1, bc2 = adam_bias_corrections(state.count + 1, cfg.b1, cfg.b2, g2)
-        direction = adam_direction(mu1, nu1, bc1, bc2, cfg.eps, eps_mode=cfg.eps_mode)
+        direction = adam_direction(mu1a, nu1a, bc1, bc2, cfg.eps, eps_mode=cfg.eps_mode)
         coeffs, new_state = perturbed_adam_coefficients(
             tree_sq_norm(direction),
             g2,

@@ -45,6 +45,7 @@ from .perturbation import (
     adam_bias_corrections,
     adam_direction,
     adam_moments,
+    adam_store,
     psd_coefficients,
     psd_config,
     psd_gate,
@@ -301,10 +302,10 @@ def adam(
 
     def step(x: Array, g: Array, aux: Any, run: _Run) -> tuple[Array, Any]:
         mu, nu, t = aux
-        mu, nu = adam_moments([g], mu, nu, b1, b2)
+        ma, va = adam_moments([g], mu, nu, b1, b2, accumulate=True)
         bc1, bc2 = adam_bias_corrections(run.xp.asarray(t + 1), b1, b2, _sq(g))
-        d = adam_direction(mu, nu, bc1, bc2, eps)[0]
-        return B.gd_step(x, d, lr), (mu, nu, t + 1)
+        d = adam_direction(ma, va, bc1, bc2, eps)[0]
+        return B.gd_step(x, d, lr), (adam_store(ma, mu), adam_store(va, nu), t + 1)
 
     return _first_order_loop(
         problem,

@@ -171,6 +171,35 @@ def perturbed_adam_reference(
     return out
 
 
+def fused_adam_reference(
+    g: np.ndarray,
+    x0: np.ndarray,
+    steps: int,
+    lr: float,
+    cast: Callable[[np.ndarray], np.ndarray],
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_mode: str = "hat",
+) -> np.ndarray:
+    """Adam as fused kernels run it on low-precision parameters (torch's ``fused=True``),
+    float64 math, with a constant gradient ``g``: the moments of a step from the stored
+    (rounded) ones, the direction from the new moments before rounding, the moments and
+    the parameters rounded once per step by ``cast`` (e.g. to float16). Entries whose
+    ``(1 - b2) g^2`` underflows in storage differ from a float64 Adam, but by about lr
+    per step, not by lr |g| / eps. Returns the parameters after ``steps`` steps."""
+    m, v, x = np.zeros_like(x0), np.zeros_like(x0), cast(np.asarray(x0, np.float64))
+    for t in range(1, steps + 1):
+        m1 = b1 * m + (1 - b1) * g
+        v1 = b2 * v + (1 - b2) * g * g
+        bc2 = 1 - b2**t
+        e = eps if eps_mode == "hat" else eps / math.sqrt(bc2)
+        d = (m1 / (1 - b1**t)) / (np.sqrt(v1) / math.sqrt(bc2) + e)
+        x, m, v = cast(x - lr * d), cast(m1), cast(v1)
+    return x
+
+
 def sam_sps_reference(
     value_and_grad: Callable[[Tree], tuple[float, Tree]],
     x0: Tree,

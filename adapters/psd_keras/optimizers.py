@@ -804,16 +804,20 @@ class PerturbedAdam(_CoreOptimizer):
             mu_t, nu_t = [m.value for m in mu_vars], [v.value for v in nu_vars]
             direction = _torch_adam_direction_(grads, mu_t, nu_t, finite, bc1, bc2, c)
         else:
-            mu1, nu1 = core.adam_moments(grads, mu, nu, c.b1, c.b2)
-            m = tree_select(finite, mu1, mu)
-            v = tree_select(finite, nu1, nu)
+            # the new moments in the accumulation dtype: the direction comes from them,
+            # and they are rounded only for storage (16-bit moments, as fused Adam)
+            mu1, nu1 = core.adam_moments(grads, mu, nu, c.b1, c.b2, accumulate=True)
+            m = tree_select(finite, core.adam_store(mu1, mu), mu)
+            v = tree_select(finite, core.adam_store(nu1, nu), nu)
             for var, val in zip(mu_vars, m):
                 self.assign(var, val)
             for var, val in zip(nu_vars, v):
                 self.assign(var, val)
-            # On a finite step these are the new moments' direction; on a skipped
-            # step the update is zero whatever it is.
-            direction = core.adam_direction(m, v, bc1, bc2, c.eps, eps_mode=c.eps_mode)
+            # Where storage keeps the dtype, the written moments (the same values on a
+            # finite step). On a skipped step the update is zero whatever the direction is.
+            ma = [a if _dtype(a) != _dtype(x) else x for a, x in zip(mu1, m)]
+            va = [a if _dtype(a) != _dtype(x) else x for a, x in zip(nu1, v)]
+            direction = core.adam_direction(ma, va, bc1, bc2, c.eps, eps_mode=c.eps_mode)
         s2 = _sq_norm(direction)
 
         def coefficients(nsq: Any, uniform: Any) -> core.PSDCoefficients:

@@ -168,10 +168,12 @@ def perturbed_adam(
         g2 = tree_sq_norm(leaves)
         # Contract C4: the skip is decided by the gradient's finiteness alone.
         finite = all_finite(leaves, g2)
-        mu1, nu1 = core.adam_moments(leaves, mu, nu, cfg.b1, cfg.b2)
+        mu1a, nu1a = core.adam_moments(leaves, mu, nu, cfg.b1, cfg.b2, accumulate=True)
+        mu1, nu1 = core.adam_store(mu1a, mu), core.adam_store(nu1a, nu)
         bc1, bc2 = core.adam_bias_corrections(state.count + 1, cfg.b1, cfg.b2, g2)
-        # In the accumulation dtype (float32 for 16-bit parameters, contract C3).
-        direction = core.adam_direction(mu1, nu1, bc1, bc2, cfg.eps, eps_mode=cfg.eps_mode)
+        # In the accumulation dtype (float32 for 16-bit parameters, contract C3), from the
+        # new moments before they are rounded for storage.
+        direction = core.adam_direction(mu1a, nu1a, bc1, bc2, cfg.eps, eps_mode=cfg.eps_mode)
         s2 = tree_sq_norm(direction)
         one = jnp.ones_like(s2)
         probe, new = core.perturbed_adam_coefficients(
@@ -228,10 +230,10 @@ def perturbed_adam(
         """One pass for the usual step: with the skip decided by the gradient alone
         (contract C4), the moments are final as soon as they are computed (new ones on a
         finite step, the old ones on a skipped step), so they are written in the pass that
-        computes them, in place under donation. The direction is then computed from the
-        written moments (on a finite step they are the new ones; on a skipped step the
-        update is zero whatever the direction), and no old moment has to survive until the
-        gate is known. A perturbation's moment reset (to zeros) runs with the noise, in
+        computes them, in place under donation. The direction is computed from the new
+        moments in the accumulation dtype (for 16-bit moments, before they are rounded
+        for storage; on a skipped step the update is zero whatever the direction), and no
+        old moment has to survive until the gate is known. A perturbation's moment reset (to zeros) runs with the noise, in
         the ``lax.while_loop`` of :func:`noise_if` that runs only on a perturbing step."""
         del extra_args
         leaves, treedef = jax.tree_util.tree_flatten(updates)
@@ -242,11 +244,16 @@ def perturbed_adam(
         dim = tree_size(leaves)
         g2 = tree_sq_norm(leaves)
         finite = all_finite(leaves, g2)  # contract C4: the gradient decides
-        mu1, nu1 = core.adam_moments(leaves, mu, nu, cfg.b1, cfg.b2)
-        m = tree_select(finite, mu1, mu)
-        v = tree_select(finite, nu1, nu)
+        mu1, nu1 = core.adam_moments(leaves, mu, nu, cfg.b1, cfg.b2, accumulate=True)
+        m = tree_select(finite, core.adam_store(mu1, mu), mu)
+        v = tree_select(finite, core.adam_store(nu1, nu), nu)
         bc1, bc2 = core.adam_bias_corrections(state.count + 1, cfg.b1, cfg.b2, g2)
-        direction = core.adam_direction(m, v, bc1, bc2, cfg.eps, eps_mode=cfg.eps_mode)
+        # from the new moments before they are rounded for storage (16-bit moments; where
+        # storage keeps the dtype, the written ones, which are the same values on a finite
+        # step); on a skipped step the update is zero whatever the direction is
+        ma = [a if a.dtype != x.dtype else x for a, x in zip(mu1, m)]
+        va = [a if a.dtype != x.dtype else x for a, x in zip(nu1, v)]
+        direction = core.adam_direction(ma, va, bc1, bc2, cfg.eps, eps_mode=cfg.eps_mode)
         s2 = tree_sq_norm(direction)
         one = jnp.ones_like(s2)
         probe, new = core.perturbed_adam_coefficients(

@@ -16,9 +16,13 @@ the two coincide (tested against ``psd_optimizer.PerturbedAdam``).
 Memory: the step runs in two passes over small chunks of the parameters
 (:func:`._common.chunked`, about 1 MiB each): pass 1 updates the moments in place and
 reduces the squared norm of the direction, pass 2 recomputes the direction of each chunk
-and applies the core's step coefficient (``p += (step / bc1) * m / (sqrt(v / bc2) + eps)``,
-one ``addcdiv``). No parameter-sized temporary is allocated per step (large per-step
-allocations are returned to the OS and faulted back in, which can double a step).
+and applies the core's step coefficient
+(``p += (step / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)``, one ``addcdiv``). No
+parameter-sized temporary is allocated per step (large per-step allocations are returned
+to the OS and faulted back in, which can double a step). 16-bit parameters: the moments
+are updated in float32 copies and the direction is computed from those before they are
+rounded for storage (as fused Adam), so each 16-bit chunk keeps its float32 direction
+until pass 2 (2x the 16-bit parameter bytes during the step).
 
 Host reads: one small stacked transfer per step (finite flag, bias corrections) and one
 for the gate/coefficients; free on CPU, two synchronizations per step on CUDA.
@@ -259,15 +263,41 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
     def _denominator(
         nu: list[torch.Tensor], bc2: float, eps: float, foreach: bool
     ) -> list[torch.Tensor]:
-        """``sqrt(v / bc2) + eps`` (one temporary per tensor; ``/ bc2`` as a product with
-        the reciprocal of the core's bias correction, which is cheaper than a division)."""
-        r2 = 1.0 / bc2
+        """``sqrt(v) / sqrt(bc2) + eps``, the core's order (``v / bc2`` would overflow for
+        ``v`` near the top of the range; one temporary per tensor)."""
+        s2 = bc2**0.5
         if foreach:
-            den = list(torch._foreach_mul(nu, r2))
-            torch._foreach_sqrt_(den)
+            den = list(torch._foreach_sqrt(nu))
+            torch._foreach_div_(den, s2)
             torch._foreach_add_(den, eps)
             return den
-        return [torch.mul(v, r2).sqrt_().add_(eps) for v in nu]
+        return [torch.sqrt(v).div_(s2).add_(eps) for v in nu]
+
+    @staticmethod
+    def _moments_and_direction_acc_(
+        grads: list[torch.Tensor],
+        mu: list[torch.Tensor],
+        nu: list[torch.Tensor],
+        b1: float,
+        b2: float,
+        bc1: float,
+        bc2: float,
+        eps: float,
+        foreach: bool,
+    ) -> list[torch.Tensor]:
+        """16-bit moments: :func:`psd_core.perturbation.adam_moments` with
+        ``accumulate=True`` on float32 copies, the direction from those float32 moments
+        (:func:`~psd_core.perturbation.adam_direction`), then the moments rounded once
+        into their 16-bit storage (``adam_store``), as fused Adam kernels do. A direction
+        from the rounded moments would divide by ``eps`` wherever ``(1 - b2) g^2``
+        underflows in float16 (``|g|`` below about 8e-3)."""
+        ma, va, ga = _acc_copies(mu), _acc_copies(nu), _acc_copies(grads)
+        PerturbedAdam._moments_(ga, ma, va, b1, b2, foreach)
+        d = PerturbedAdam._direction(ma, va, bc1, bc2, eps, foreach)
+        for m, v, m1, v1 in zip(mu, nu, ma, va):
+            m.copy_(m1)
+            v.copy_(v1)
+        return d
 
     @staticmethod
     def _direction(
@@ -279,7 +309,7 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         foreach: bool,
     ) -> list[torch.Tensor]:
         """:func:`psd_core.perturbation.adam_direction` with one temporary per tensor
-        (tested against it): ``(m / bc1) / (sqrt(v / bc2) + eps)``, in the accumulation
+        (tested against it): ``(m / bc1) / (sqrt(v) / sqrt(bc2) + eps)``, in the accumulation
         dtype (float32 for float16/bfloat16 moments, where ``eps`` would round to 0 and a
         zero moment would give 0/0; chunk-sized float32 copies)."""
         mu, nu = _acc_copies(mu), _acc_copies(nu)
@@ -306,13 +336,8 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         foreach: bool,
     ) -> None:
         """``p += step * d`` with ``d`` the direction of :meth:`_direction` (``step`` is the
-        core's step coefficient), fused as ``p += (step / bc1) * m / den``. For 16-bit
-        parameters the direction is computed in float32 and cast once when added."""
-        if params and acc_dtype(params[0].dtype) != params[0].dtype:
-            d = PerturbedAdam._direction(mu, nu, bc1, bc2, eps, foreach)
-            for p, di in zip(params, d):
-                p.add_((di * step).to(p.dtype))
-            return
+        core's step coefficient), fused as ``p += (step / bc1) * m / den``. (16-bit
+        parameters take :meth:`_apply_acc_direction_`.)"""
         den = PerturbedAdam._denominator(nu, bc2, eps, foreach)
         value = step / bc1
         if isinstance(value, torch.Tensor):  # compiled step: a 0-d tensor coefficient
@@ -323,6 +348,13 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         else:
             for p, m, d in zip(params, mu, den):
                 p.addcdiv_(m, d, value=value)
+
+    @staticmethod
+    def _apply_acc_direction_(params: list[torch.Tensor], d: list[torch.Tensor], step: Any) -> None:
+        """16-bit parameters: ``p + step * d`` in the direction's float32, rounded once
+        to the parameter dtype (as fused Adam kernels)."""
+        for p, di in zip(params, d):
+            p.copy_(p.to(di.dtype) + di * step)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -422,10 +454,18 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
         # one temporary (measured: fewer page faults, ~10% faster step).
         fe = foreach and dev.type != "cpu"
         parts = []
-        for gi, _, cg, cm, cv in chunks:
+        # 16-bit chunks keep their float32 direction for pass 2 (it cannot be recomputed
+        # from the rounded moments): 2x the 16-bit parameter bytes during the step.
+        kept: dict[int, list[torch.Tensor]] = {}
+        for k, (gi, _, cg, cm, cv) in enumerate(chunks):
             c = gcfg[gi]
-            self._moments_(cg, cm, cv, c.b1, c.b2, fe)
-            ds = self._direction(cm, cv, bc[gi][0], bc[gi][1], c.eps, fe)
+            if acc_dtype(cm[0].dtype) != cm[0].dtype:
+                ds = kept[k] = self._moments_and_direction_acc_(
+                    cg, cm, cv, c.b1, c.b2, bc[gi][0], bc[gi][1], c.eps, fe
+                )
+            else:
+                self._moments_(cg, cm, cv, c.b1, c.b2, fe)
+                ds = self._direction(cm, cv, bc[gi][0], bc[gi][1], c.eps, fe)
             parts.append(sq_norms(ds, foreach=fe, device=dev, dtype=acc))
             del ds
         s2 = lift(torch.cat(parts).sum())
@@ -485,11 +525,14 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
                         t.zero_()
                 foreach_add_(bp, bz, noise_coef, foreach=foreach)
             return loss
-        for gi, cp, _, cm, cv in chunks:
+        for k, (gi, cp, _, cm, cv) in enumerate(chunks):
             a = step_coef[gi]
             if not compiling and a == 0.0:
                 continue
-            self._apply_direction_(cp, cm, cv, a, bc[gi][0], bc[gi][1], gcfg[gi].eps, fe)
+            if k in kept:
+                self._apply_acc_direction_(cp, kept[k], a)
+            else:
+                self._apply_direction_(cp, cm, cv, a, bc[gi][0], bc[gi][1], gcfg[gi].eps, fe)
         return loss
 
     def _store(self, new: PerturbedAdamState) -> None:

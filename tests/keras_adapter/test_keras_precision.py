@@ -19,7 +19,12 @@ import psd_core
 import psd_keras
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reference import perturbed_adam_reference, psd_reference, sam_sps_reference  # noqa: E402
+from reference import (  # noqa: E402
+    fused_adam_reference,
+    perturbed_adam_reference,
+    psd_reference,
+    sam_sps_reference,
+)
 
 DTYPES = ["float16", "bfloat16", "float32"]
 HUGE = {"float16": 3e4, "bfloat16": 1e20, "float32": 1e20}
@@ -64,11 +69,19 @@ def test_huge_finite_gradient_is_applied_like_sgd_and_adam(dtype):
         adam.apply([_t(g0, dtype)], [w])
     assert np.all(np.isfinite(_np(v)))
     assert int(_np(pa._state["skipped"])) == 0 and int(_np(pa._state["count"])) == 3
+    # every entry, as fused Adam computes it (float64 transcription, moments and
+    # parameters rounded to the dtype for storage): ((1 - b2) g) g and sqrt(v) / sqrt(bc2)
+    # do not overflow, so the huge entries step by about lr (in float16 the stored
+    # v = 9e5 overflows to inf after the first step, as in torch's fused Adam)
+    want = fused_adam_reference(
+        g0, x0, 3, 0.01, lambda a: _np(_t(a, dtype)), eps=1e-7, eps_mode="keras"
+    )
+    np.testing.assert_allclose(_np(v), want, rtol=RTOL[dtype], atol=1e-6)
     if dtype == "float32":
         # where v = g^2 overflows Keras's Adam gives 0 (torch, TF) or NaN (JAX): compare
-        # where it is finite (always the moderate entry)
+        # where it moved (always the moderate entry)
         ref = _np(w)
-        ok = np.isfinite(ref)
+        ok = np.isfinite(ref) & (ref != x0)
         assert ok[3]
         np.testing.assert_allclose(_np(v)[ok], ref[ok], rtol=RTOL[dtype], atol=1e-6)
     else:
@@ -127,6 +140,32 @@ def test_perturbed_adam_moves_with_zero_gradient_entries(dtype):
     moved = np.abs(_np(v) - x0)
     assert moved[0] > 0.03 and moved[2] > 0.03
     np.testing.assert_array_equal(moved[[1, 3]], 0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_perturbed_adam_16bit_tiny_gradient_entries_step_like_fused_adam(dtype):
+    """Issue 11 bug 3, tiny entries: in float16 (1 - b2) g^2 underflows to 0 for |g| below
+    about 8e-3 and the direction came from the stored (rounded) moments, so such an
+    entry stepped by lr |g| / eps. Now from the step's float32 moments, as fused Adam
+    (the transcription of tests/reference.py is the reference)."""
+    g = np.array([1e-4, -2e-3, 5e-3, 0.5, -1.0, 0.0])
+    v = _var(np.ones(6), dtype)
+    pa = psd_keras.PerturbedAdam(0.01, g_thres=0.0, t_thres=10**6, radius=0.0, seed=0)
+    for _ in range(20):
+        pa.apply([_t(g, dtype)], [v])
+    assert int(_np(pa._state["skipped"])) == 0
+    want = fused_adam_reference(
+        _np(_t(g, dtype)),
+        np.ones(6),
+        20,
+        0.01,
+        lambda a: _np(_t(a, dtype)),
+        eps=1e-7,
+        eps_mode="keras",
+    )
+    ulp = 2.0**-10 if dtype == "float16" else 2.0**-7
+    np.testing.assert_allclose(_np(v), want, atol=20 * ulp)
+    assert np.all(np.abs(_np(v) - 1.0) <= 1.0)  # the bug: 10 to 2000 lr per step
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -25,7 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from reference import perturbed_adam_reference, psd_reference, sam_sps_reference
+from reference import (
+    fused_adam_reference,
+    perturbed_adam_reference,
+    psd_reference,
+    sam_sps_reference,
+)
 
 import psd_core
 import psd_optax
@@ -88,7 +93,16 @@ def test_huge_finite_gradient_is_applied_like_sgd_and_adam(dtype):
     assert int(sa.skipped) == 0 and int(sa.count) == 3
     for k in p:
         assert ua[k].dtype == dtype and np.all(np.isfinite(_np(pa[k])))
-        np.testing.assert_allclose(_np(pa[k]), _np(pr[k]), rtol=RTOL[dtype], atol=1e-6)
+    # the moderate entry (b[1]) equals optax.adam; on the huge ones optax.adam's g**2
+    # overflows (a zero step) where ours forms ((1 - b2) g) g, as torch.optim.Adam, and
+    # steps like the transcription of fused Adam (float64 math, moments and parameters
+    # rounded to the dtype for storage: about -lr sign(g) per step; in float16 the
+    # stored v = 9e5 overflows to inf after the first step, as in torch's fused Adam)
+    np.testing.assert_allclose(_np(pa["b"])[1], _np(pr["b"])[1], rtol=RTOL[dtype])
+    want = fused_adam_reference(
+        _vec(g), _vec(p), 3, 0.01, lambda a: _np(jnp.asarray(a, dtype)), b1=0.9, b2=0.999
+    )
+    np.testing.assert_allclose(_vec(pa), want, rtol=RTOL[dtype], atol=1e-6)
     # SAM-SPS on a linear loss with a huge slope (loss in float32) equals the transcription
     slope, offset = g0, 10.0 * h
 
@@ -139,6 +153,33 @@ def test_perturbed_adam_moves_with_zero_gradient_entries(dtype):
     moved = np.abs(_vec(p) - _vec_of(x0))
     assert moved[2] > 0.03 and moved[0] > 0.03  # the nonzero entries (b[0], w[0]) moved
     np.testing.assert_array_equal(moved[[1, 3]], 0.0)  # zero entries: zero direction
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["update", "update_and_apply"])
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
+def test_perturbed_adam_16bit_tiny_gradient_entries_step_like_fused_adam(dtype, fused):
+    """Issue 11 bug 3, tiny entries: in float16 (1 - b2) g^2 underflows to 0 for |g| below
+    about 8e-3 and the direction came from the stored (rounded) moments, so such an entry
+    stepped by lr |g| / eps. Now from the step's float32 moments, as fused Adam (the
+    transcription in tests/reference.py)."""
+    g = np.array([1e-4, -2e-3, 5e-3, 0.5, -1.0, 0.0])
+    tx = psd_optax.perturbed_adam(0.01, g_thres=0.0, t_thres=10**6, radius=0.0)
+    p = {"w": jnp.ones(6, dtype)}
+    s = tx.init(p)
+    gt = {"w": jnp.asarray(g, dtype)}
+    for _ in range(20):
+        if fused:
+            p, s = jax.jit(lambda g, s, p: psd_optax.update_and_apply(tx, g, s, p))(gt, s, p)
+        else:
+            u, s = jax.jit(tx.update)(gt, s, p)
+            p = optax.apply_updates(p, u)
+    assert int(s.skipped) == 0 and p["w"].dtype == dtype
+    want = fused_adam_reference(
+        _np(gt["w"]), np.ones(6), 20, 0.01, lambda a: _np(jnp.asarray(a, dtype))
+    )
+    ulp = 2.0**-10 if dtype == jnp.float16 else 2.0**-7
+    np.testing.assert_allclose(_np(p["w"]), want, atol=20 * ulp)
+    assert np.all(np.abs(_np(p["w"]) - 1.0) <= 1.0)  # the bug: 10 to 2000 lr per step
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)

@@ -52,8 +52,11 @@ def test_psd_nan_gradient_still_skips(dtype):
 def _adam_pair(dtype, lr=1e-2):
     torch.manual_seed(0)
     x0 = torch.randn(6, 5)
-    p = x0.to(dtype).requires_grad_()
-    q = x0.to(dtype).float().requires_grad_()  # the float32 reference on the same start
+    # clones: in float32 ``.to(dtype)`` and ``.float()`` return ``x0`` itself, and p and q
+    # were one tensor stepped by both optimizers (so the comparison could not fail)
+    p = x0.to(dtype).clone().requires_grad_()
+    q = x0.to(dtype).float().clone().requires_grad_()  # the float32 reference, same start
+    assert p.data_ptr() != q.data_ptr()
     # g_thres=0 with a huge t_thres: never perturbs, i.e. plain Adam (extras off)
     opt = PerturbedAdam([p], lr=lr, g_thres=0.0, t_thres=10**12, r=0.0, seed=0)
     ref = torch.optim.Adam([q], lr=lr, foreach=False)
@@ -95,6 +98,28 @@ def test_perturbed_adam_16bit_moves_with_zero_gradient_entries(dtype):
     # 50 steps of lr 1e-2, each rounded to the dtype: a tolerance of 50 roundings of p
     tol = 50 * EPS[dtype] * 4 if dtype != torch.float32 else 1e-5
     torch.testing.assert_close(p.float(), q, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_perturbed_adam_16bit_tiny_gradient_entries_equal_fused_adam(dtype):
+    """Issue 11 bug 3, tiny entries: in float16 (1 - b2) g^2 underflows to 0 for |g| below
+    about 8e-3, and the direction was computed from the stored (rounded) moments: such an
+    entry stepped by lr |g| / eps (1 -> -4900 in 50 steps). The direction now comes from
+    the float32 moments of the step, as torch's fused Adam kernel (the reference)."""
+    g = torch.tensor([1e-4, -2e-3, 5e-3, 0.5, -1.0, 0.0]).to(dtype)
+    p = torch.ones(6, dtype=dtype, requires_grad=True)
+    q = torch.ones(6, dtype=dtype, requires_grad=True)
+    opt = PerturbedAdam([p], lr=1e-2, g_thres=0.0, t_thres=10**12, r=0.0, seed=0)
+    ref = torch.optim.Adam([q], lr=1e-2, fused=True)
+    for _ in range(50):
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    assert int(opt.adam_state["skipped"]) == 0
+    torch.testing.assert_close(p, q, rtol=0, atol=2 * EPS[dtype])
+    for k in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(opt.state[p][k], ref.state[q][k], rtol=2 * EPS[dtype], atol=0)
+    assert (p - 1).abs().max() < 3  # the bug: thousands
 
 
 def _value_and_grad_np(a):
