@@ -18,6 +18,11 @@ batch this way.
 Adam uses :func:`psd_core.perturbation.adam_moments` and
 :func:`psd_core.perturbation.adam_direction`.
 
+Precision: the linear algebra (solve, Frobenius norm, BFGS update) runs in the
+accumulation dtype (float32 for float16/bfloat16 inputs; no backend has a 16-bit
+``solve``, and :math:`\|H\|_F^2` or :math:`1/y^\top s` leave the float16 range
+early); each step is rounded to ``x``'s dtype once.
+
 References:
     Polyak, 1964 (momentum); Nocedal & Wright, *Numerical Optimization*, 2006, §6.1 (BFGS);
     Welling & Teh, 2011 (Langevin dynamics).
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._array import Array, as_scalar, namespace
+from ._array import Array, accumulation_dtype, as_scalar, namespace
 
 __all__ = [
     "bfgs_direction",
@@ -48,6 +53,29 @@ def _col(c: Array, like: Array) -> Array:
     if c.ndim > 0:
         c = xp.reshape(c, tuple(c.shape) + (1,))
     return c
+
+
+def _work_dtype(xp: Any, dtype: Any) -> Any:
+    """The dtype the baselines compute in (static): float32 for float16/bfloat16, a
+    complex dtype unchanged (its real accumulation dtype would drop the imaginary
+    part), any other dtype itself."""
+    if xp.isdtype(dtype, "complex floating"):
+        return dtype
+    return accumulation_dtype(xp, dtype)
+
+
+def _acc(*arrays: Array) -> tuple[Any, Any]:
+    """``(xp, dtype)``: the common working dtype of ``arrays`` (static)."""
+    xp = namespace(*arrays)
+    dt = None
+    for a in arrays:
+        d = _work_dtype(xp, a.dtype)
+        dt = d if dt is None else xp.result_type(dt, d)
+    return xp, dt
+
+
+def _to(xp: Any, a: Array, dtype: Any) -> Array:
+    return xp.astype(a, dtype) if a.dtype != dtype else a
 
 
 def row_sq_norm(x: Array) -> Array:
@@ -73,8 +101,9 @@ def langevin_step(x: Array, g: Array, noise: Array, lr: Any, sigma: Any) -> Arra
 
 
 def _solve(H: Array, g: Array) -> Array:
-    xp = namespace(H)
-    return xp.linalg.solve(H, g[..., None])[..., 0]
+    """:math:`H^{-1} g` in the accumulation dtype of ``H`` and ``g``."""
+    xp, acc = _acc(H, g)
+    return xp.linalg.solve(_to(xp, H, acc), _to(xp, g, acc)[..., None])[..., 0]
 
 
 def newton_step(x: Array, g: Array, H: Array, lr: Any, damping: Any = 0.0) -> Array:
@@ -83,24 +112,29 @@ def newton_step(x: Array, g: Array, H: Array, lr: Any, damping: Any = 0.0) -> Ar
     Plain Newton (:math:`\mu = 0`) is attracted by saddles: it jumps to the nearest
     stationary point of the local quadratic model, whatever its curvature.
     """
-    xp = namespace(H)
+    xp, acc = _acc(H, g, x)
     d = H.shape[-1]
-    eye = xp.eye(d, dtype=H.dtype, device=_dev(H))
-    Hd = H + as_scalar(damping, H) * eye
-    return x - _col(lr, x) * _solve(Hd, g)
+    Ha = _to(xp, H, acc)
+    eye = xp.eye(d, dtype=acc, device=_dev(H))
+    Hd = Ha + as_scalar(damping, Ha) * eye
+    xa = _to(xp, x, acc)
+    return _to(xp, xa - _col(lr, xa) * _solve(Hd, g), x.dtype)
 
 
 def condition_scaled_step(x: Array, g: Array, H: Array, lr: Any) -> Array:
     r"""GD with step :math:`\eta/\|H\|_F` (local curvature scale; floor :math:`10^{-12}`)."""
-    xp = namespace(H)
-    fro = xp.sqrt(xp.sum(xp.sum(H * H, axis=-1), axis=-1))
+    xp, acc = _acc(H)
+    Ha = _to(xp, H, acc)
+    fro = xp.sqrt(xp.sum(xp.sum(Ha * Ha, axis=-1), axis=-1))
     fro = xp.maximum(fro, as_scalar(1e-12, fro))
     return x - _col(as_scalar(lr, fro) / fro, x) * g
 
 
 def bfgs_direction(Hinv: Array, g: Array) -> Array:
-    r"""Quasi-Newton direction :math:`-H^{-1}_k g` (batched)."""
-    return -(Hinv @ g[..., None])[..., 0]
+    r"""Quasi-Newton direction :math:`-H^{-1}_k g` (batched), in the accumulation dtype of
+    ``Hinv`` and ``g``."""
+    xp, acc = _acc(Hinv, g)
+    return -(_to(xp, Hinv, acc) @ _to(xp, g, acc)[..., None])[..., 0]
 
 
 def bfgs_inverse_update(Hinv: Array, s: Array, y: Array) -> Array:
@@ -108,9 +142,12 @@ def bfgs_inverse_update(Hinv: Array, s: Array, y: Array) -> Array:
 
     :math:`H^+ = (I - \rho s y^\top) H (I - \rho y s^\top) + \rho s s^\top`,
     :math:`\rho = 1/(y^\top s)`; where the curvature condition :math:`y^\top s > 10^{-12}`
-    fails, :math:`H` is kept (so it stays positive definite).
+    fails, :math:`H` is kept (so it stays positive definite). Computed in the
+    accumulation dtype, returned in ``Hinv``'s dtype.
     """
-    xp = namespace(Hinv)
+    xp, acc = _acc(Hinv, s, y)
+    out_dtype = Hinv.dtype
+    Hinv, s, y = _to(xp, Hinv, acc), _to(xp, s, acc), _to(xp, y, acc)
     d = Hinv.shape[-1]
     ys = xp.sum(y * s, axis=-1)
     ok = ys > 1e-12
@@ -121,7 +158,7 @@ def bfgs_inverse_update(Hinv: Array, s: Array, y: Array) -> Array:
     ss = s[..., :, None] * s[..., None, :]
     left = eye - r * sy
     new = left @ Hinv @ xp.matrix_transpose(left) + r * ss
-    return xp.where(ok[..., None, None], new, Hinv)
+    return _to(xp, xp.where(ok[..., None, None], new, Hinv), out_dtype)
 
 
 def _dev(a: Array) -> Any:

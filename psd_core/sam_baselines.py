@@ -48,6 +48,12 @@ Initialisation (the reference code's): second-moment / accumulator states start 
 Norms in the normalized perturbations are clamped below by ``1e-12``
 (:data:`psd_core.polyak.NORM_FLOOR`), so a zero gradient gives a zero offset.
 
+Precision: states live in the accumulation dtype of ``x`` (float32 for
+float16/bfloat16: :math:`\epsilon^2 = 10^{-16}` is 0 in float16, so a zero gradient
+entry gave 0/0; :math:`1-\beta_2 = 10^{-3}` is 0 in bfloat16, so the second moment
+never grew and :math:`m/\sqrt{v}` blew up). The formulas run in that dtype; offsets
+and updates are returned in the gradient's dtype.
+
 References:
     Sun, Shen, Chen, Ding & Tao, *AdaSAM: Boosting sharpness-aware minimization with
     adaptive learning rate and momentum for training deep neural networks*, Neural
@@ -66,6 +72,7 @@ import math
 from typing import Any, NamedTuple
 
 from ._array import Array, as_scalar, namespace
+from .baselines import _work_dtype
 from .validation import check_choice
 
 __all__ = [
@@ -90,14 +97,26 @@ _FLOOR = 1e-12
 
 def _sq_norm(x: Array) -> Array:
     xp = namespace(x)
+    x = _acc(xp, x)
     return xp.sum(x * x, axis=-1)
+
+
+def _acc_dtype(xp: Any, x: Array) -> Any:
+    return _work_dtype(xp, x.dtype)
+
+
+def _acc(xp: Any, x: Array, dtype: Any = None) -> Array:
+    """``x`` in ``dtype`` (default: its accumulation dtype)."""
+    dtype = _acc_dtype(xp, x) if dtype is None else dtype
+    return xp.astype(x, dtype) if x.dtype != dtype else x
 
 
 def normalized_offset(s: Array, rho: Any) -> Array:
     r"""SAM's ascent offset :math:`\rho\, s/\max(\|s\|, 10^{-12})`."""
     xp = namespace(s)
-    norm = xp.maximum(xp.sqrt(_sq_norm(s)), as_scalar(_FLOOR, s))
-    return (as_scalar(rho, s) / norm) * s
+    sa = _acc(xp, s)
+    norm = xp.maximum(xp.sqrt(_sq_norm(sa)), as_scalar(_FLOOR, sa))
+    return _acc(xp, (as_scalar(rho, sa) / norm) * sa, s.dtype)
 
 
 class AdaSAMState(NamedTuple):
@@ -112,8 +131,9 @@ class AdaSAMState(NamedTuple):
 def adasam_init(x: Array, eps: float = 1e-8) -> AdaSAMState:
     r"""AdaSAM state: :math:`m_0 = 0`, :math:`v_0 = \hat v_0 = \epsilon^2` (shaped like ``x``)."""
     xp = namespace(x)
-    e2 = xp.full_like(x, eps * eps)
-    return AdaSAMState(m=xp.zeros_like(x), v=e2, v_hat=e2)
+    acc = _acc_dtype(xp, x)
+    e2 = xp.full_like(x, eps * eps, dtype=acc)
+    return AdaSAMState(m=xp.zeros_like(x, dtype=acc), v=e2, v_hat=e2)
 
 
 def adasam_update(
@@ -126,11 +146,13 @@ def adasam_update(
     and the new state.
     """
     xp = namespace(g, state.m)
-    b1_, b2_ = as_scalar(b1, g), as_scalar(b2, g)
-    m = b1_ * state.m + (1.0 - b1_) * g
-    v = b2_ * state.v + (1.0 - b2_) * (g * g)
+    ga = _acc(xp, g, state.m.dtype)
+    b1_, b2_ = as_scalar(b1, ga), as_scalar(b2, ga)
+    m = b1_ * state.m + (1.0 - b1_) * ga
+    v = b2_ * state.v + (1.0 - b2_) * (ga * ga)
     v_hat = xp.maximum(state.v_hat, v)
-    return -as_scalar(lr, g) * m / xp.sqrt(v_hat), AdaSAMState(m=m, v=v, v_hat=v_hat)
+    upd = -as_scalar(lr, ga) * m / xp.sqrt(v_hat)
+    return _acc(xp, upd, g.dtype), AdaSAMState(m=m, v=v, v_hat=v_hat)
 
 
 class LightSAMState(NamedTuple):
@@ -153,11 +175,12 @@ def lightsam_init(x: Array, variant: str = "I", eps: float = 1e-8) -> LightSAMSt
     coordinatewise for II/III), :math:`r_0 = m_0 = 0`."""
     variant = _variant(variant)
     xp = namespace(x)
+    acc = _acc_dtype(xp, x)
     if variant == "I":
-        u = as_scalar(eps * eps, x)
+        u = as_scalar(eps * eps, x, acc)
     else:
-        u = xp.full_like(x, eps * eps)
-    z = xp.zeros_like(x)
+        u = xp.full_like(x, eps * eps, dtype=acc)
+    z = xp.zeros_like(x, dtype=acc)
     return LightSAMState(r=z, u=u, m=z, v=u)
 
 
@@ -172,6 +195,8 @@ def lightsam_perturbation(
     """
     variant = _variant(variant)
     xp = namespace(s, state.r)
+    out = s.dtype
+    s = _acc(xp, s, state.r.dtype)
     rho_ = as_scalar(rho, s)
     r = state.r
     if variant == "I":
@@ -185,7 +210,7 @@ def lightsam_perturbation(
         r = b1_ * state.r + (1.0 - b1_) * s
         u = b2_ * state.u + (1.0 - b2_) * (s * s)
         offset = rho_ * r / xp.sqrt(u)
-    return offset, state._replace(r=r, u=u)
+    return _acc(xp, offset, out), state._replace(r=r, u=u)
 
 
 def lightsam_update(
@@ -199,6 +224,8 @@ def lightsam_update(
     """
     variant = _variant(variant)
     xp = namespace(g, state.m)
+    out = g.dtype
+    g = _acc(xp, g, state.m.dtype)
     lr_ = as_scalar(lr, g)
     m = state.m
     if variant == "I":
@@ -212,13 +239,14 @@ def lightsam_update(
         m = b1_ * state.m + (1.0 - b1_) * g
         v = b2_ * state.v + (1.0 - b2_) * (g * g)
         upd = -lr_ * m / xp.sqrt(v)
-    return upd, state._replace(m=m, v=v)
+    return _acc(xp, upd, out), state._replace(m=m, v=v)
 
 
 def sa_sam_step_size(
     x: Array, x_prev: Array, g: Array, g_prev: Array, eta_prev: Any, theta_prev: Any
 ) -> tuple[Array, Array]:
-    r"""SA-SAM's step :math:`\eta_t` and ratio :math:`\theta_t = \eta_t/\eta_{t-1}` (0-d arrays).
+    r"""SA-SAM's step :math:`\eta_t` and ratio :math:`\theta_t = \eta_t/\eta_{t-1}` (0-d arrays in the
+    accumulation dtype).
 
     :math:`\eta_t = \min\{\|x_t - x_{t-1}\| / (2\|g_t - g_{t-1}\|),\ \sqrt{1+\theta_{t-1}}\,\eta_{t-1}\}`,
     where ``g`` and ``g_prev`` are the gradients at :math:`x_t` and :math:`x_{t-1}` on the
@@ -228,8 +256,8 @@ def sa_sam_step_size(
     stays :math:`\eta_{t-1}`.
     """
     xp = namespace(x, g)
-    num = xp.sqrt(_sq_norm(x - x_prev))
-    den = xp.sqrt(_sq_norm(g - g_prev))
+    num = xp.sqrt(_sq_norm(_acc(xp, x) - _acc(xp, x_prev)))
+    den = xp.sqrt(_sq_norm(_acc(xp, g) - _acc(xp, g_prev)))
     inf = as_scalar(math.inf, num)
     safe = xp.where(den > 0, den, xp.ones_like(den))
     cand1 = xp.where(den > 0, num / (2.0 * safe), inf)

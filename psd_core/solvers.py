@@ -45,7 +45,6 @@ from .perturbation import (
     adam_bias_corrections,
     adam_direction,
     adam_moments,
-    adam_store,
     psd_coefficients,
     psd_config,
     psd_gate,
@@ -154,7 +153,7 @@ class _Run:
 
     def lambda_min(self, x: Array) -> float:
         self.hvps += 1
-        return float(self.xp.linalg.eigvalsh(self.problem.hess(x))[0])
+        return _eigvalsh_min(self.xp, self.problem.hess(x))
 
     def at_sosp(self, x: Array, g2: Array) -> bool:
         """The oracle: evaluated only when ``sosp`` is given and the gradient is small."""
@@ -163,8 +162,7 @@ class _Run:
         eps, gamma = self.sosp
         if math.sqrt(max(float(g2), 0.0)) > eps:
             return False
-        lam = float(self.xp.linalg.eigvalsh(self.problem.hess(x))[0])
-        return lam >= -gamma
+        return _eigvalsh_min(self.xp, self.problem.hess(x)) >= -gamma
 
     def result(self, x: Array, episodes: int, converged: bool) -> SolverResult:
         return SolverResult(
@@ -179,6 +177,15 @@ class _Run:
 
 def _sq(g: Array) -> Array:
     return tree_sq_norm([g])
+
+
+def _eigvalsh_min(xp: Any, H: Array) -> float:
+    """Smallest eigenvalue of the dense symmetric ``H``, computed in its accumulation dtype
+    (float32 for a float16/bfloat16 Hessian: no backend has a 16-bit ``eigvalsh``)."""
+    acc = B._work_dtype(xp, H.dtype)
+    if H.dtype != acc:
+        H = xp.astype(H, acc)
+    return float(xp.linalg.eigvalsh(H)[0])
 
 
 # --------------------------------------------------------------------------------------
@@ -296,26 +303,29 @@ def adam(
     sosp: _Sosp = None,
     record_every: int = 1,
 ) -> SolverResult:
-    """Adam with bias correction (the core's :func:`~psd_core.perturbation.adam_moments` and
-    :func:`~psd_core.perturbation.adam_direction`)."""
+    r"""Adam with bias correction (the core's :func:`~psd_core.perturbation.adam_moments` and
+    :func:`~psd_core.perturbation.adam_direction`).
+
+    For float16/bfloat16 ``x0`` the moments live in the accumulation dtype (float32) and
+    the step is taken there and rounded to ``x``'s dtype once: a 16-bit second moment
+    underflows to 0 where :math:`(1-\beta_2)g^2 < 6\cdot10^{-8}` (float16), which turns
+    :math:`\hat m/(\sqrt{\hat v}+\epsilon)` into :math:`\hat m/\epsilon`, a huge step.
+    """
     lr = check_nonnegative("lr", lr)
+
+    def init(x: Array, run: _Run) -> Any:
+        z = run.xp.zeros(x.shape, dtype=B._work_dtype(run.xp, x.dtype), device=_dev(x))
+        return [z], [z], 0
 
     def step(x: Array, g: Array, aux: Any, run: _Run) -> tuple[Array, Any]:
         mu, nu, t = aux
-        ma, va = adam_moments([g], mu, nu, b1, b2, accumulate=True)
+        mu, nu = adam_moments([g], mu, nu, b1, b2)
         bc1, bc2 = adam_bias_corrections(run.xp.asarray(t + 1), b1, b2, _sq(g))
-        d = adam_direction(ma, va, bc1, bc2, eps)[0]
-        return B.gd_step(x, d, lr), (adam_store(ma, mu), adam_store(va, nu), t + 1)
+        d = adam_direction(mu, nu, bc1, bc2, eps)[0]
+        x_new = B.gd_step(run.xp.astype(x, d.dtype), d, lr)
+        return run.xp.astype(x_new, x.dtype), (mu, nu, t + 1)
 
-    return _first_order_loop(
-        problem,
-        x0,
-        max_grad_evals,
-        sosp,
-        record_every,
-        lambda x, run: ([run.xp.zeros_like(x)], [run.xp.zeros_like(x)], 0),
-        step,
-    )
+    return _first_order_loop(problem, x0, max_grad_evals, sosp, record_every, init, step)
 
 
 def newton(
@@ -373,12 +383,15 @@ def bfgs(
     sosp: tuple[float, float] | None = None,
     record_every: int = 1,
 ) -> SolverResult:
-    """BFGS with a fixed step along the quasi-Newton direction (:mod:`psd_core.baselines`)."""
+    """BFGS with a fixed step along the quasi-Newton direction (:mod:`psd_core.baselines`).
+
+    The inverse-Hessian estimate lives in the accumulation dtype (float32 for 16-bit
+    ``x0``); each step is rounded to ``x``'s dtype."""
     lr = check_nonnegative("lr", lr)
     run = _Run(problem, x0, max_grad_evals, sosp, record_every)
     xp = run.xp
     d = int(x0.shape[0])
-    Hinv = xp.eye(d, dtype=x0.dtype, device=_dev(x0))
+    Hinv = xp.eye(d, dtype=B._work_dtype(xp, x0.dtype), device=_dev(x0))
     x = x0
     g = run.grad(x)
     while True:
@@ -388,7 +401,7 @@ def bfgs(
             return run.result(x, 0, True)
         if not run.budget_left():
             return run.result(x, 0, False)
-        x_new = x + lr * B.bfgs_direction(Hinv, g)
+        x_new = xp.astype(xp.astype(x, Hinv.dtype) + lr * B.bfgs_direction(Hinv, g), x.dtype)
         g_new = run.grad(x_new)
         Hinv = B.bfgs_inverse_update(Hinv, x_new - x, g_new - g)
         x, g = x_new, g_new

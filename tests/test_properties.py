@@ -209,3 +209,50 @@ def test_sam_offset_has_norm_rho_in_every_dtype(g, dtype, rho, lambd) -> None:
         assert math.isclose(
             c * n, want, rel_tol=1e-4 if dtype != "float64" else 1e-10, abs_tol=1e-12
         )
+
+
+@settings(max_examples=60, deadline=None)
+@given(g=small_vec, s=small_vec, dtype=LOW_DTYPES, zero_frac=st.floats(0, 1))
+def test_sam_baseline_first_step_in_every_dtype(g, s, dtype, zero_frac) -> None:
+    """The first AdaSAM / LightSAM step from the initial state, for any finite gradients
+    (zeros included), is finite, in the parameter dtype, and equals the float64 formula
+    (of the dtype-rounded inputs) within the dtype's resolution. The solvers
+    (psd_core.solvers.adasam / lightsam) are these rules in a loop; the states live in the
+    accumulation dtype, where eps^2 = 1e-16 and 1 - b2 = 1e-3 are representable."""
+    from psd_core import sam_baselines as SB
+
+    n = min(g.size, s.size)
+    mask = np.arange(n) < zero_frac * n
+    g, s = (np.where(mask, 0.0, a[:n]).astype(dtype) for a in (g, s))
+    x = np.zeros_like(g)
+    g64, s64 = g.astype(np.float64), s.astype(np.float64)
+    e2, lr, rho = 1e-16, 0.01, 0.05
+    tol = {
+        "float16": {"rtol": 2e-3, "atol": 6e-8},
+        "float32": {"rtol": 1e-5, "atol": 1e-40},
+    }.get(dtype, {"rtol": 1e-12, "atol": 1e-300})
+
+    def check(got, want, what):
+        assert got.dtype == np.dtype(dtype) and np.all(np.isfinite(got)), what
+        np.testing.assert_allclose(got, want, **tol, err_msg=what)
+
+    upd, _ = SB.adasam_update(g, SB.adasam_init(x), lr)
+    v_hat = np.maximum(e2, 0.999 * e2 + 0.001 * g64 * g64)
+    check(upd, -lr * 0.1 * g64 / np.sqrt(v_hat), "adasam")
+    for v in SB.LIGHTSAM_VARIANTS:
+        st0 = SB.lightsam_init(x, v)
+        off, st1 = SB.lightsam_perturbation(s, st0, rho, v)
+        upd, _ = SB.lightsam_update(g, st1, lr, v)
+        if v == "I":
+            want_off = rho * s64 / np.sqrt(e2 + np.sum(s64 * s64))
+            want_upd = -lr * g64 / np.sqrt(e2 + np.sum(g64 * g64))
+        elif v == "II":
+            want_off, want_upd = (
+                rho * s64 / np.sqrt(e2 + s64 * s64),
+                -lr * g64 / np.sqrt(e2 + g64 * g64),
+            )
+        else:
+            want_off = rho * 0.1 * s64 / np.sqrt(0.999 * e2 + 0.001 * s64 * s64)
+            want_upd = -lr * 0.1 * g64 / np.sqrt(0.999 * e2 + 0.001 * g64 * g64)
+        check(off, want_off, f"lightsam {v} offset")
+        check(upd, want_upd, f"lightsam {v} update")
