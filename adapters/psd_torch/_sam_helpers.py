@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from . import _dtensor as _dt  # [dtensor hook]
-from ._common import acc_dtype, chunked, group_by_device_dtype, sq_norms
+from ._common import (
+    _DOT_MIN_NUMEL,
+    CHUNK_NUMEL,
+    acc_dtype,
+    chunked,
+    group_by_device_dtype,
+    sq_norms,
+)
 
 __all__ = [
     "addcmul_",
@@ -162,11 +169,19 @@ def sq_norm_and_dot(
     *,
     diff: bool,
     foreach: bool = True,
+    scratch: dict[Any, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:math:`\\sum_i \\|g_i\\|^2` (as :func:`._common.global_sq_norm`) and
     :math:`\\sum_i \\langle g_i, a_i - b_i\\rangle` (``diff``) or
     :math:`\\sum_i \\langle g_i, b_i\\rangle`, in one chunked pass over ``g`` (each
-    chunk is reduced twice while it is in cache). 0-d, ``out_dtype``, on ``device``."""
+    chunk is reduced twice while it is in cache). 0-d, ``out_dtype``, on ``device``.
+
+    ``scratch``: a dict owned by the caller (kept between steps). With it, on CPU for
+    float32/float64, each difference :math:`a - b` is written into one reused
+    chunk-sized buffer (``scratch[(device, dtype)]``) instead of a fresh temporary per
+    tensor: on CPU a temporary of a few hundred KB is an allocation with page faults
+    every step, while the reused buffer stays in cache for the dot product that reads it.
+    """
     if _dt.any_dtensor(gs):  # [dtensor hook] summed over the mesh
         return _dt.sq_norm_and_dot(gs, as_, bs, out_dtype, device, diff=diff, foreach=foreach)
     sq = torch.zeros((), dtype=out_dtype, device=device)
@@ -174,12 +189,31 @@ def sq_norm_and_dot(
     for bg, ba, bb in group_by_device_dtype(gs, as_, bs):
         sqs: list[torch.Tensor] = []
         dots: list[torch.Tensor] = []
+        dt, dev = bg[0].dtype, bg[0].device
+        buf = None
+        if diff and scratch is not None and dev.type == "cpu" and acc_dtype(dt) == dt:
+            buf = scratch.get((dev, dt))
+            if buf is None:
+                buf = scratch[(dev, dt)] = torch.empty(CHUNK_NUMEL, dtype=dt, device=dev)
         for cg, ca, cb in chunked(bg, ba, bb):
-            sqs.append(sq_norms(cg, foreach=foreach, device=device, dtype=out_dtype))
-            if diff:
-                dots.extend(_dot_diff(g, a, b) for g, a, b in zip(cg, ca, cb))
-            else:
-                dots.extend(_dot(g, b) for g, b in zip(cg, cb))
+            total = sum(t.numel() for t in cg)
+            if buf is None or total > buf.numel() or total < _DOT_MIN_NUMEL * len(cg):
+                sqs.append(sq_norms(cg, foreach=foreach, device=device, dtype=out_dtype))
+                if not diff:
+                    dots.extend(_dot(g, b) for g, b in zip(cg, cb))
+                else:
+                    dots.extend(_dot_diff(g, a, b) for g, a, b in zip(cg, ca, cb))
+                continue
+            # Large tensors: per tensor, the difference into the scratch buffer and both
+            # dot products while this tensor's ``g`` is in cache (one BLAS dot each, as
+            # ``sq_norms`` reduces large float32/float64 tensors).
+            off = 0
+            for g, a, b in zip(cg, ca, cb):
+                n = a.numel()
+                d = torch.sub(a, b, out=buf[off : off + n].view(a.shape))
+                dots.append(_dot(g, d))
+                sqs.append(_dot(g, g).reshape(1).to(device=device, dtype=out_dtype))
+                off += n
         sq = sq + torch.cat(sqs).sum()
         dot = dot + torch.stack(dots).sum().to(device=device, dtype=out_dtype)
     return sq, dot
