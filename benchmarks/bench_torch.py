@@ -15,6 +15,13 @@ Usage::
 
     python benchmarks/bench_torch.py                      # 10M params, 100 tensors
     python benchmarks/bench_torch.py --params 1000000 --tensors 10 --steps 5
+    python benchmarks/bench_torch.py --threads 1 --clock cpu  # on a shared, loaded machine
+
+``--clock cpu`` times each step with ``time.process_time()`` (CPU time of this
+process) instead of the wall clock: on a machine shared with other jobs it leaves out
+the time the process waits for a core. Use it with ``--threads 1``: with more threads
+it would count the threads' spin-waits. The load average and the process's priority
+(``nice``) are printed with the table.
 """
 
 from __future__ import annotations
@@ -70,7 +77,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     from psd_torch import PSD, PerturbedAdam
 
@@ -202,10 +214,10 @@ def main() -> None:
     for _ in range(args.steps):
         for name, step in steppers.items():
             sync(args.device)
-            t0 = time.perf_counter()
+            t0 = clock()
             step()
             sync(args.device)
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(clock() - t0)
     times = {name: statistics.median(v) for name, v in samples.items()}
 
     sgd = times[cases[0][0]]
@@ -213,7 +225,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(
         f"\n{args.params:,} float32 parameters in {args.tensors} tensors, device={args.device}, "
-        f"torch {torch.__version__}, {threads} threads, median of {args.steps} interleaved steps after {args.warmup} warmup; load average {os.getloadavg()[0]:.1f}\n"
+        f"torch {torch.__version__}, {threads} threads, median of {args.steps} interleaved steps after {args.warmup} warmup, {args.clock} clock; load average {os.getloadavg()[0]:.1f}, nice {os.nice(0)}\n"
     )
     print(
         "| optimizer | step (ms) | x SGD(foreach) | x Adam(foreach) | extra state / param bytes |"

@@ -90,3 +90,16 @@ def test_bench_torch_prints_every_row_and_state_memory():
         # parameter-sized state held by the optimizer, in parameter bytes (deterministic)
         assert float(cells[-1]) == pytest.approx(extra_state, abs=0.01), (name, cells)
     assert float(rows["torch.optim.SGD(foreach=True)"][1]) == 1.0
+
+
+def test_bench_torch_cpu_clock_and_threads_options():
+    pytest.importorskip("torch")
+    text = run(
+        "bench_torch.py",
+        *("--params", "20000", "--tensors", "4", "--steps", "2", "--warmup", "1"),
+        *("--threads", "1", "--clock", "cpu"),
+    )
+    assert "1 threads" in text and "cpu clock" in text and "nice" in text
+    rows = table_rows(text)
+    assert float(rows["torch.optim.SGD(foreach=True)"][1]) == 1.0
+    assert float(rows["psd_torch.SAM_SPS (optimizer work)"][1]) > 0

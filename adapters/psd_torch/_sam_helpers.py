@@ -187,7 +187,8 @@ def sq_norm_and_dot(
     sq = torch.zeros((), dtype=out_dtype, device=device)
     dot = torch.zeros((), dtype=out_dtype, device=device)
     for bg, ba, bb in group_by_device_dtype(gs, as_, bs):
-        sqs: list[torch.Tensor] = []
+        sqs: list[torch.Tensor] = []  # 1-d tensors of squared norms
+        sq0: list[torch.Tensor] = []  # 0-d squared norms (the scratch path)
         dots: list[torch.Tensor] = []
         dt, dev = bg[0].dtype, bg[0].device
         buf = None
@@ -210,10 +211,18 @@ def sq_norm_and_dot(
             off = 0
             for g, a, b in zip(cg, ca, cb):
                 n = a.numel()
-                d = torch.sub(a, b, out=buf[off : off + n].view(a.shape))
-                dots.append(_dot(g, d))
-                sqs.append(_dot(g, g).reshape(1).to(device=device, dtype=out_dtype))
+                d = buf[off : off + n]
                 off += n
+                torch.sub(a, b, out=d if a.dim() == 1 else d.view(a.shape))
+                if g.is_contiguous():
+                    gf = g if g.dim() == 1 else g.view(-1)
+                    dots.append(torch.dot(gf, d))
+                    sq0.append(torch.dot(gf, gf))
+                else:
+                    dots.append(torch.sum(g * d.view(g.shape)))
+                    sq0.append(torch.sum(g * g))
+        if sq0:
+            sqs.append(torch.stack(sq0).to(device=device, dtype=out_dtype))
         sq = sq + torch.cat(sqs).sum()
         dot = dot + torch.stack(dots).sum().to(device=device, dtype=out_dtype)
     return sq, dot
