@@ -177,10 +177,11 @@ def sq_norm_and_dot(
     chunk is reduced twice while it is in cache). 0-d, ``out_dtype``, on ``device``.
 
     ``scratch``: a dict owned by the caller (kept between steps). With it, on CPU for
-    float32/float64, each difference :math:`a - b` is written into one reused
-    chunk-sized buffer (``scratch[(device, dtype)]``) instead of a fresh temporary per
-    tensor: on CPU a temporary of a few hundred KB is an allocation with page faults
-    every step, while the reused buffer stays in cache for the dot product that reads it.
+    float32/float64 chunks of large tensors, each difference :math:`a - b` is written
+    into one reused buffer (``scratch[(device, dtype)]``, the size of the largest such
+    chunk, at most ``CHUNK_NUMEL`` elements) instead of a fresh temporary per tensor:
+    on CPU a temporary of a few hundred KB is an allocation with page faults every step,
+    while the reused buffer stays in cache for the dot product that reads it.
     """
     if _dt.any_dtensor(gs):  # [dtensor hook] summed over the mesh
         return _dt.sq_norm_and_dot(gs, as_, bs, out_dtype, device, diff=diff, foreach=foreach)
@@ -191,14 +192,18 @@ def sq_norm_and_dot(
         sq0: list[torch.Tensor] = []  # 0-d squared norms (the scratch path)
         dots: list[torch.Tensor] = []
         dt, dev = bg[0].dtype, bg[0].device
-        buf = None
-        if diff and scratch is not None and dev.type == "cpu" and acc_dtype(dt) == dt:
-            buf = scratch.get((dev, dt))
-            if buf is None:
-                buf = scratch[(dev, dt)] = torch.empty(CHUNK_NUMEL, dtype=dt, device=dev)
+        fast = diff and scratch is not None and dev.type == "cpu" and acc_dtype(dt) == dt
         for cg, ca, cb in chunked(bg, ba, bb):
             total = sum(t.numel() for t in cg)
-            if buf is None or total > buf.numel() or total < _DOT_MIN_NUMEL * len(cg):
+            fast_chunk = fast and _DOT_MIN_NUMEL * len(cg) <= total <= CHUNK_NUMEL
+            if fast_chunk:
+                assert scratch is not None
+                # one buffer per (device, dtype), as large as the largest chunk seen
+                # (at most CHUNK_NUMEL elements: 1 MiB in float32)
+                buf = scratch.get((dev, dt))
+                if buf is None or buf.numel() < total:
+                    buf = scratch[(dev, dt)] = torch.empty(total, dtype=dt, device=dev)
+            if not fast_chunk:
                 sqs.append(sq_norms(cg, foreach=foreach, device=device, dtype=out_dtype))
                 if not diff:
                     dots.extend(_dot(g, b) for g, b in zip(cg, cb))

@@ -272,7 +272,10 @@ def test_large_tensors_match_core_transformation(wd):
             torch.testing.assert_close(p.detach(), r, rtol=1e-10, atol=1e-12)
     assert float(state.step_size) > 0.0
     # the inner product went through the reused scratch buffer
-    assert (torch.device("cpu"), torch.float64) in opt.__dict__["_scratch"]
+    # (one buffer, the size of the largest chunk: the first tensor's first flat piece)
+    scratch = opt.__dict__["_scratch"]
+    assert list(scratch) == [(torch.device("cpu"), torch.float64)]
+    assert next(iter(scratch.values())).numel() == _common.CHUNK_NUMEL
     # the scratch path and the per-tensor temporaries give the same reductions
     gs = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     xs = [
@@ -649,6 +652,8 @@ def test_offset_buffers_are_reused():
     ids = [id(opt.state[p]["x"]) for p in m.parameters()]
     opt.step(_closure(m, _bce, x, y))
     assert ids == [id(opt.state[p]["x"]) for p in m.parameters()]
+    # small tensors: no scratch buffer either, the only extra memory is x (1x)
+    assert not opt.__dict__.get("_scratch")
 
 
 def _compiled_vs_eager(backend: str) -> None:
