@@ -90,3 +90,22 @@ def test_bench_torch_prints_every_row_and_state_memory():
         # parameter-sized state held by the optimizer, in parameter bytes (deterministic)
         assert float(cells[-1]) == pytest.approx(extra_state, abs=0.01), (name, cells)
     assert float(rows["torch.optim.SGD(foreach=True)"][1]) == 1.0
+
+
+def test_bench_torch_cpu_clock_and_threads_options():
+    pytest.importorskip("torch")
+    text = run(
+        "bench_torch.py",
+        *("--params", "20000", "--tensors", "4", "--steps", "2", "--warmup", "1"),
+        *("--threads", "1", "--clock", "cpu", "--floor"),
+    )
+    assert "1 threads" in text and "cpu clock" in text and "nice" in text
+    rows = table_rows(text)
+    assert float(rows["torch.optim.SGD(foreach=True)"][1]) == 1.0
+    assert float(rows["psd_torch.SAM_SPS (optimizer work)"][1]) > 0
+    # the plain-torch floors: timed, and the SAM-SPS floor holds one x buffer (1x)
+    floors = {k: v for k, v in rows.items() if k.startswith("floor: ")}
+    assert len(floors) == 2
+    for name, cells in floors.items():
+        assert float(cells[1]) > 0 and math.isfinite(float(cells[1])), (name, cells)
+    assert [float(c[-1]) for c in floors.values()] == [0.0, 1.0]

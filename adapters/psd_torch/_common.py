@@ -138,9 +138,9 @@ def chunked(*lists: Sequence[torch.Tensor], max_numel: int | None = None) -> lis
     n = 0
     for items in zip(*lists):
         k = items[0].numel()
-        # [dtensor hook] a DTensor is never cut into flat views
-        flat_ok = all(t.is_contiguous() for t in items) and not _dt.any_dtensor(items)
-        if k > max_numel and flat_ok:
+        # [dtensor hook] a DTensor is never cut into flat views (checked only for the
+        # tensors that need cutting: this loop runs on every pass of every step)
+        if k > max_numel and all(t.is_contiguous() for t in items) and not _dt.any_dtensor(items):
             if cur[0]:
                 out.append(cur)
                 cur, n = tuple([] for _ in lists), 0

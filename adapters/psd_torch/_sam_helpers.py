@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from . import _dtensor as _dt  # [dtensor hook]
-from ._common import acc_dtype, chunked, group_by_device_dtype, sq_norms
+from ._common import (
+    _DOT_MIN_NUMEL,
+    CHUNK_NUMEL,
+    acc_dtype,
+    chunked,
+    group_by_device_dtype,
+    sq_norms,
+)
 
 __all__ = [
     "addcmul_",
@@ -162,24 +169,65 @@ def sq_norm_and_dot(
     *,
     diff: bool,
     foreach: bool = True,
+    scratch: dict[Any, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:math:`\\sum_i \\|g_i\\|^2` (as :func:`._common.global_sq_norm`) and
     :math:`\\sum_i \\langle g_i, a_i - b_i\\rangle` (``diff``) or
     :math:`\\sum_i \\langle g_i, b_i\\rangle`, in one chunked pass over ``g`` (each
-    chunk is reduced twice while it is in cache). 0-d, ``out_dtype``, on ``device``."""
+    chunk is reduced twice while it is in cache). 0-d, ``out_dtype``, on ``device``.
+
+    ``scratch``: a dict owned by the caller (kept between steps). With it, on CPU for
+    float32/float64 chunks of large tensors, each difference :math:`a - b` is written
+    into one reused buffer (``scratch[(device, dtype)]``, the size of the largest such
+    chunk, at most ``CHUNK_NUMEL`` elements) instead of a fresh temporary per tensor:
+    on CPU a temporary of a few hundred KB is an allocation with page faults every step,
+    while the reused buffer stays in cache for the dot product that reads it.
+    """
     if _dt.any_dtensor(gs):  # [dtensor hook] summed over the mesh
         return _dt.sq_norm_and_dot(gs, as_, bs, out_dtype, device, diff=diff, foreach=foreach)
     sq = torch.zeros((), dtype=out_dtype, device=device)
     dot = torch.zeros((), dtype=out_dtype, device=device)
     for bg, ba, bb in group_by_device_dtype(gs, as_, bs):
-        sqs: list[torch.Tensor] = []
+        sqs: list[torch.Tensor] = []  # 1-d tensors of squared norms
+        sq0: list[torch.Tensor] = []  # 0-d squared norms (the scratch path)
         dots: list[torch.Tensor] = []
+        dt, dev = bg[0].dtype, bg[0].device
+        fast = diff and scratch is not None and dev.type == "cpu" and acc_dtype(dt) == dt
         for cg, ca, cb in chunked(bg, ba, bb):
-            sqs.append(sq_norms(cg, foreach=foreach, device=device, dtype=out_dtype))
-            if diff:
-                dots.extend(_dot_diff(g, a, b) for g, a, b in zip(cg, ca, cb))
-            else:
-                dots.extend(_dot(g, b) for g, b in zip(cg, cb))
+            total = sum(t.numel() for t in cg)
+            fast_chunk = fast and _DOT_MIN_NUMEL * len(cg) <= total <= CHUNK_NUMEL
+            if fast_chunk:
+                assert scratch is not None
+                # one buffer per (device, dtype), as large as the largest chunk seen
+                # (at most CHUNK_NUMEL elements: 1 MiB in float32)
+                buf = scratch.get((dev, dt))
+                if buf is None or buf.numel() < total:
+                    buf = scratch[(dev, dt)] = torch.empty(total, dtype=dt, device=dev)
+            if not fast_chunk:
+                sqs.append(sq_norms(cg, foreach=foreach, device=device, dtype=out_dtype))
+                if not diff:
+                    dots.extend(_dot(g, b) for g, b in zip(cg, cb))
+                else:
+                    dots.extend(_dot_diff(g, a, b) for g, a, b in zip(cg, ca, cb))
+                continue
+            # Large tensors: per tensor, the difference into the scratch buffer and both
+            # dot products while this tensor's ``g`` is in cache (one BLAS dot each, as
+            # ``sq_norms`` reduces large float32/float64 tensors).
+            off = 0
+            for g, a, b in zip(cg, ca, cb):
+                n = a.numel()
+                d = buf[off : off + n]
+                off += n
+                torch.sub(a, b, out=d if a.dim() == 1 else d.view(a.shape))
+                if g.is_contiguous():
+                    gf = g if g.dim() == 1 else g.view(-1)
+                    dots.append(torch.dot(gf, d))
+                    sq0.append(torch.dot(gf, gf))
+                else:
+                    dots.append(torch.sum(g * d.view(g.shape)))
+                    sq0.append(torch.sum(g * g))
+        if sq0:
+            sqs.append(torch.stack(sq0).to(device=device, dtype=out_dtype))
         sq = sq + torch.cat(sqs).sum()
         dot = dot + torch.stack(dots).sum().to(device=device, dtype=out_dtype)
     return sq, dot

@@ -229,6 +229,68 @@ def test_matches_core_transformation_float64(lambd, wd, restore):
     assert int(opt.steps) == int(state.count) == 20
 
 
+@pytest.mark.parametrize("wd", [0.0, 1e-2])
+def test_large_tensors_match_core_transformation(wd):
+    """Tensors large enough for the CPU fast paths (the inner product through the
+    reused scratch buffer, one tensor cut into chunks, restore-and-descend written
+    with ``out=``): the trajectory equals the core transformation, to 1e-10."""
+    from psd_torch import _common, _sam_helpers
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(_common.CHUNK_NUMEL + 12345,), (200, 210), (30_000,)]
+    assert all(math.prod(s) >= _common._DOT_MIN_NUMEL for s in shapes)
+    params = [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+    scales = [torch.rand(s, generator=gen, dtype=torch.float64) for s in shapes]
+
+    def loss_of(ts):
+        return sum((0.5 * w * t**2 + 0.1 * torch.cos(3 * t)).sum() for t, w in zip(ts, scales))
+
+    def vg(tree):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tree]
+        loss = loss_of(leaves)
+        return loss.detach(), [g.detach() for g in torch.autograd.grad(loss, leaves)]
+
+    def closure():
+        loss = loss_of(params)
+        loss.backward()
+        return loss
+
+    kw = dict(rho=0.3, lambd=1.0, f_star=0.0, gamma_b=0.5, weight_decay=wd)
+    opt = SAM_SPS(params, **kw)
+    tx = psd_core.sam_sps(**kw)
+    ref = [p.detach().clone() for p in params]
+    state = tx.init(ref)
+    for _ in range(4):
+        loss_x, g = vg(ref)
+        upd, state = tx.update(g, state, ref, value_and_grad_fn=vg, value=loss_x)
+        ref = psd_core.apply_updates(ref, upd)
+        opt.step(closure)
+        assert abs(float(opt.param_groups[0]["lr"] - state.step_size)) <= 1e-10 * float(
+            state.step_size
+        )
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p.detach(), r, rtol=1e-10, atol=1e-12)
+    assert float(state.step_size) > 0.0
+    # the inner product went through the reused scratch buffer
+    # (one buffer, the size of the largest chunk: the first tensor's first flat piece)
+    scratch = opt.__dict__["_scratch"]
+    assert list(scratch) == [(torch.device("cpu"), torch.float64)]
+    assert next(iter(scratch.values())).numel() == _common.CHUNK_NUMEL
+    # the scratch path and the per-tensor temporaries give the same reductions
+    gs = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    xs = [
+        p.detach() + 1e-3 * torch.randn(s, generator=gen, dtype=torch.float64)
+        for p, s in zip(params, shapes)
+    ]
+    args = (gs, [p.detach() for p in params], xs, torch.float64, torch.device("cpu"))
+    fast = _sam_helpers.sq_norm_and_dot(*args, diff=True, scratch={})
+    plain = _sam_helpers.sq_norm_and_dot(*args, diff=True)
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-13, atol=0.0)
+    torch.testing.assert_close(fast[1], plain[1], rtol=1e-12, atol=1e-15)
+    inner = sum(float((g * (p.detach() - x)).sum()) for g, p, x in zip(gs, params, xs))
+    assert float(fast[1]) == pytest.approx(inner, rel=1e-10)
+
+
 # ------------------------------------------------------------- SPS_max and SAM
 def _sps_max_reference(model, xb, yb, f_star, gamma_b, wd):
     """Independent transcription of SPS_max: gamma = min(max(f-f*,0)/||g||^2, gamma_b)."""
@@ -590,6 +652,8 @@ def test_offset_buffers_are_reused():
     ids = [id(opt.state[p]["x"]) for p in m.parameters()]
     opt.step(_closure(m, _bce, x, y))
     assert ids == [id(opt.state[p]["x"]) for p in m.parameters()]
+    # small tensors: no scratch buffer either, the only extra memory is x (1x)
+    assert not opt.__dict__.get("_scratch")
 
 
 def _compiled_vs_eager(backend: str) -> None:
