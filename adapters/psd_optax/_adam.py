@@ -233,8 +233,9 @@ def perturbed_adam(
         computes them, in place under donation. The direction is computed from the new
         moments in the accumulation dtype (for 16-bit moments, before they are rounded
         for storage; on a skipped step the update is zero whatever the direction), and no
-        old moment has to survive until the gate is known. A perturbation's moment reset (to zeros) runs with the noise, in
-        the ``lax.while_loop`` of :func:`noise_if` that runs only on a perturbing step."""
+        old moment has to survive until the gate is known. A perturbation's moment reset
+        (to zeros) runs with the noise, in the ``lax.while_loop`` of :func:`noise_if` that
+        runs only on a perturbing step."""
         del extra_args
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         mu = treedef.flatten_up_to(state.mu)
