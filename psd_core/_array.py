@@ -248,9 +248,13 @@ def tree_size(tree: Tree) -> int:
     return total
 
 
-def _flat(xp: Any, x: Array, dtype: Any) -> Array:
-    x = xp.reshape(x, (-1,))
+def cast(xp: Any, x: Array, dtype: Any) -> Array:
+    """``x`` as ``dtype`` (``x`` itself when it already has that dtype)."""
     return xp.astype(x, dtype) if x.dtype != dtype else x
+
+
+def _flat(xp: Any, x: Array, dtype: Any) -> Array:
+    return cast(xp, xp.reshape(x, (-1,)), dtype)
 
 
 def _sq(xp: Any, x: Array, acc: Any) -> Array:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._array import Array, accumulation_dtype, as_scalar, namespace
+from ._array import Array, accumulation_dtype, as_scalar, cast, namespace
 
 __all__ = [
     "bfgs_direction",
@@ -74,8 +74,7 @@ def _acc(*arrays: Array) -> tuple[Any, Any]:
     return xp, dt
 
 
-def _to(xp: Any, a: Array, dtype: Any) -> Array:
-    return xp.astype(a, dtype) if a.dtype != dtype else a
+_to = cast  # ``x`` as ``dtype`` (psd_core._array.cast)
 
 
 def row_sq_norm(x: Array) -> Array:

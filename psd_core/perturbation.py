@@ -53,6 +53,7 @@ from ._array import (
     Tree,
     accumulation_dtype,
     as_scalar,
+    cast,
     coefficient_for,
     count_dtype,
     int_constant,
@@ -614,8 +615,7 @@ def perturbed_adam_init(params: Tree, config: PerturbedAdamConfig) -> PerturbedA
     )
 
 
-def _to(xp: Any, x: Array, dtype: Any) -> Array:
-    return xp.astype(x, dtype) if x.dtype != dtype else x
+_to = cast  # ``x`` as ``dtype`` (psd_core._array.cast)
 
 
 def adam_moments(

@@ -39,6 +39,7 @@ from ._array import (
     Array,
     Tree,
     as_scalar,
+    cast,
     is_complex,
     namespace,
     saturating_increment,
@@ -223,8 +224,7 @@ def polyak_step_size(
     return xp.where(ok, step, xp.zeros_like(step))
 
 
-def _to(xp: Any, x: Array, dtype: Any) -> Array:
-    return xp.astype(x, dtype) if x.dtype != dtype else x
+_to = cast  # ``x`` as ``dtype`` (psd_core._array.cast)
 
 
 def _acc(xp: Any, x: Array, acc: Any) -> Array:

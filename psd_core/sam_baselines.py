@@ -71,7 +71,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from ._array import Array, as_scalar, namespace
+from ._array import Array, as_scalar, cast, namespace
 from .baselines import _work_dtype
 from .validation import check_choice
 
@@ -107,8 +107,7 @@ def _acc_dtype(xp: Any, x: Array) -> Any:
 
 def _acc(xp: Any, x: Array, dtype: Any = None) -> Array:
     """``x`` in ``dtype`` (default: its accumulation dtype)."""
-    dtype = _acc_dtype(xp, x) if dtype is None else dtype
-    return xp.astype(x, dtype) if x.dtype != dtype else x
+    return cast(xp, x, _acc_dtype(xp, x) if dtype is None else dtype)
 
 
 def normalized_offset(s: Array, rho: Any) -> Array:
