@@ -128,8 +128,51 @@ def torch_steppers(shapes: list[tuple[int, ...]]) -> dict[str, Callable[[], None
     return out
 
 
-def torch_runner(shapes: list[tuple[int, ...]]) -> dict[str, Callable[[int], None]]:
-    steppers = torch_steppers(shapes)
+def torch_train_steppers(batch: int) -> dict[str, Callable[[], None]]:
+    """A whole training step on the 100k MLP (``MLP_WIDTHS``, ReLU, cross-entropy on a
+    fixed random batch): forward, backward and the optimizer step (``SAM_SPS``: two
+    forward/backward passes, through ``step(closure)``). Every model starts from the
+    same weights."""
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, MLP_WIDTHS[0], generator=gen)
+    y = torch.randint(0, MLP_WIDTHS[-1], (batch,), generator=gen)
+    out: dict[str, Callable[[], None]] = {}
+    for name, (factory, closure_mode) in torch_factories().items():
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for a, b in zip(MLP_WIDTHS, MLP_WIDTHS[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        model = nn.Sequential(*layers[:-1])
+        opt = factory(list(model.parameters()))
+
+        def closure(model: Any = model, opt: Any = opt) -> Any:
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        if closure_mode:
+
+            def step(opt: Any = opt, closure: Any = closure) -> None:
+                opt.step(closure)
+
+        else:
+
+            def step(opt: Any = opt, closure: Any = closure) -> None:
+                closure()
+                opt.step()
+
+        out[name] = step
+    return out
+
+
+def torch_runner(
+    shapes: list[tuple[int, ...]], train_batch: int | None = None
+) -> dict[str, Callable[[int], None]]:
+    steppers = torch_steppers(shapes) if train_batch is None else torch_train_steppers(train_batch)
 
     def make(step: Callable[[], None]) -> Callable[[int], None]:
         def run(n: int) -> None:
@@ -179,11 +222,17 @@ def optax_runner(shapes: list[tuple[int, ...]], donate: bool) -> dict[str, Calla
 
 # --------------------------------------------------------------------------- driver
 def measure(
-    framework: str, shapes: list[tuple[int, ...]], args: argparse.Namespace
+    framework: str,
+    shapes: list[tuple[int, ...]],
+    args: argparse.Namespace,
+    train_batch: int | None = None,
 ) -> dict[str, float]:
-    """name -> median seconds per step."""
+    """name -> median seconds per step (``train_batch``: whole training steps, torch)."""
     n = n_params(shapes)
-    runs = torch_runner(shapes) if framework == "torch" else optax_runner(shapes, args.donate)
+    if framework == "torch":
+        runs = torch_runner(shapes, train_batch)
+    else:
+        runs = optax_runner(shapes, args.donate)
     steps = max(args.min_steps, min(args.max_steps, int(args.work / n)))
     for run in runs.values():
         run(2)  # compile + warm up
@@ -206,6 +255,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default="1e5,1e6,1e7,1e8", help="total float32 parameters")
     ap.add_argument("--tensors", default="10,1000", help="tensor counts")
     ap.add_argument("--no-mlp", dest="mlp", action="store_false", help="skip the 100k MLP")
+    ap.add_argument(
+        "--train-step",
+        type=int,
+        default=0,
+        metavar="BATCH",
+        help="torch: also time whole training steps of the 100k MLP (forward, backward, "
+        "step) at this batch size",
+    )
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median kept)")
     ap.add_argument("--work", type=float, default=3e8, help="parameter-steps per round")
     ap.add_argument("--min-steps", type=int, default=2)
@@ -241,10 +298,13 @@ def main(argv: list[str] | None = None) -> None:
             if args.mlp:
                 shapes = mlp_shapes()
                 cases.insert(0, ("MLP (20 tensors)", n_params(shapes), shapes))
+            train = f"MLP train step (batch {args.train_step})"
+            if args.train_step and fw == "torch":
+                cases.insert(0, (train, n_params(mlp_shapes()), mlp_shapes()))
             rows = TORCH_ROWS if fw == "torch" else OPTAX_ROWS
             for layout, n, shapes in cases:
                 load = os.getloadavg()[0]
-                times = measure(fw, shapes, args)
+                times = measure(fw, shapes, args, args.train_step if layout == train else None)
                 for name, base in rows:
                     points.append(
                         {
@@ -325,7 +385,7 @@ def plot(data: dict[str, Any], path: str) -> None:
                         color=color,
                         label=f"{name} / {pts[[q['name'] for q in pts].index(name)]['baseline']}, {lay}",
                     )
-            mlp = [p for p in pts if p["name"] == name and "MLP" in p["layout"]]
+            mlp = [p for p in pts if p["name"] == name and p["layout"] == "MLP (20 tensors)"]
             for p in mlp:
                 ax.plot(
                     p["params"],

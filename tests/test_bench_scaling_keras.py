@@ -96,6 +96,36 @@ def test_bench_scaling_prints_every_row_and_the_figure(tmp_path):
     assert [r for r in table_rows(again.stdout) if r[0] != "framework"] == rows
 
 
+def test_bench_scaling_train_step_rows():
+    """``--train-step``: whole training steps of the 100k MLP, one row per optimizer."""
+    pytest.importorskip("torch")
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_scaling.py"),
+            "--frameworks", "torch",
+            "--sizes", "2000",
+            "--tensors", "2",
+            "--no-mlp",
+            "--train-step", "8",
+            "--rounds", "1",
+            "--work", "1",
+            "--min-steps", "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = [r for r in table_rows(out.stdout) if r[3] == "MLP train step (batch 8)"]
+    assert {r[1] for r in rows} == {"PSD", "SAM_SPS", "PerturbedAdam"}
+    for r in rows:
+        assert r[4] == "98,696"
+        x = ratio(r[7])
+        assert math.isfinite(x) and x > 0, r
+
+
 KERAS_ROWS = {
     "keras SGD": "keras SGD",
     "psd_keras.PSD (gate closed)": "keras SGD",

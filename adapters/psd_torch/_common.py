@@ -133,6 +133,8 @@ def chunked(*lists: Sequence[torch.Tensor], max_numel: int | None = None) -> lis
     """
     if max_numel is None:
         max_numel = CHUNK_NUMEL
+    if sum(t.numel() for t in lists[0]) <= max_numel:  # the small-model case: one chunk
+        return [tuple(list(items) for items in lists)] if lists[0] else []
     out: list[Group] = []
     cur: Group = tuple([] for _ in lists)
     n = 0

@@ -124,6 +124,19 @@ def _dot_diff(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return torch.sum(g * d)
 
 
+def _foreach_dot(
+    gs: list[torch.Tensor], as_: list[torch.Tensor], bs: list[torch.Tensor], diff: bool
+) -> torch.Tensor:
+    """``sum_i <g_i, a_i - b_i>`` (``diff``) or ``sum_i <g_i, b_i>`` over one chunk of
+    float32/float64 tensors, as foreach kernels (chunk-sized temporaries) and one sum."""
+    if diff:
+        prod = torch._foreach_sub(as_, bs)
+        torch._foreach_mul_(prod, gs)
+    else:
+        prod = torch._foreach_mul(gs, bs)
+    return torch.cat([t.reshape(-1) for t in prod]).sum()
+
+
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     acc = acc_dtype(x.dtype)
     if acc != x.dtype:  # float16/bfloat16: products and sums in float32
@@ -205,7 +218,11 @@ def sq_norm_and_dot(
                     buf = scratch[(dev, dt)] = torch.empty(total, dtype=dt, device=dev)
             if not fast_chunk:
                 sqs.append(sq_norms(cg, foreach=foreach, device=device, dtype=out_dtype))
-                if not diff:
+                if foreach and len(cg) > 1 and acc_dtype(dt) == dt and not _dt.any_dtensor(cg):
+                    # Several small tensors: the products by foreach kernels and one sum
+                    # (a few launches per chunk instead of two per tensor).
+                    dots.append(_foreach_dot(cg, ca, cb, diff))
+                elif not diff:
                     dots.extend(_dot(g, b) for g, b in zip(cg, cb))
                 else:
                     dots.extend(_dot_diff(g, a, b) for g, a, b in zip(cg, ca, cb))

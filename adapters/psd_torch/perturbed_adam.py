@@ -449,16 +449,19 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
                 for cp, cg, cm, cv in chunked(*bucket):
                     chunks.append((gi, cp, cg, cm, cv))
         acc = tree_acc_dtype([ch[3][0] for ch in chunks])  # the core's rule, by dtype
-        # On CPU the chunk kernels run per tensor even with foreach=True: CPU foreach ops
-        # are a loop over the same kernels, and the per-tensor direction writes into its
-        # one temporary (measured: fewer page faults, ~10% faster step).
-        fe = foreach and dev.type != "cpu"
+        # On CPU a chunk of one tensor (a slice of a large tensor) runs per-tensor kernels
+        # even with foreach=True: the per-tensor direction writes into its one temporary
+        # (measured: fewer page faults, ~10% faster step). A chunk of several small
+        # tensors runs foreach kernels: a few launches per chunk instead of ~8 per tensor
+        # (1000 tensors of 100 parameters: 2.6x -> 1.7x Adam(foreach), issue 16).
+        fe_dev = foreach and dev.type != "cpu"
         parts = []
         # 16-bit chunks keep their float32 direction for pass 2 (it cannot be recomputed
         # from the rounded moments): 2x the 16-bit parameter bytes during the step.
         kept: dict[int, list[torch.Tensor]] = {}
         for k, (gi, _, cg, cm, cv) in enumerate(chunks):
             c = gcfg[gi]
+            fe = fe_dev or (foreach and len(cg) > 1)
             if acc_dtype(cm[0].dtype) != cm[0].dtype:
                 ds = kept[k] = self._moments_and_direction_acc_(
                     cg, cm, cv, c.b1, c.b2, bc[gi][0], bc[gi][1], c.eps, fe
@@ -532,6 +535,7 @@ class PerturbedAdam(GeneratorStateMixin, torch.optim.Optimizer):
             if k in kept:
                 self._apply_acc_direction_(cp, kept[k], a)
             else:
+                fe = fe_dev or (foreach and len(cp) > 1)
                 self._apply_direction_(cp, cm, cv, a, bc[gi][0], bc[gi][1], gcfg[gi].eps, fe)
         return loss
 

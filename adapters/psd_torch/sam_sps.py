@@ -703,9 +703,15 @@ class SAM_SPS(torch.optim.Optimizer):
             decay = cfg.weight_decay != 0.0
             for chunk in chunked(*bucket):
                 cp, cg = chunk[0], chunk[1]
-                if from_x and not decay:
+                if from_x and not decay and (len(cp) == 1 or not self.foreach):
                     for p, x, g in zip(cp, chunk[2], cg):
                         torch.addcmul(x, g, c_g, out=p)
+                    continue
+                if from_x and not decay:
+                    # several small tensors (the chunk is cache-sized): two foreach
+                    # kernels instead of one launch per tensor
+                    H.copy_(cp, chunk[2], True)
+                    H.addcmul_(cp, cg, c_g, True)
                     continue
                 if from_x:
                     for p, x in zip(cp, chunk[2]):
