@@ -210,6 +210,13 @@ def _all_finite(grads: list[Any], sq_norm: Any) -> Any:
         # ``_foreach_norm(g, inf)`` was about as slow on CPU.
         import torch
 
+        dev = _torch_device(grads)
+        if dev is not None and dev.type == "cpu" and not torch.compiler.is_compiling():
+            # On CPU reading a scalar on the host costs nothing (no device to wait
+            # for), so the entrywise check runs only when the squared norm is not
+            # finite, as in ``psd_torch``: one read pass over the gradients fewer.
+            if bool(fast):
+                return fast
         nonempty = [g for g in grads if g.numel() > 0]  # min/max of nothing are undefined
         if not nonempty:
             return torch.ones((), dtype=torch.bool, device=_torch_device(grads))
