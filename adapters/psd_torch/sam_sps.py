@@ -90,8 +90,11 @@ from ._common import (
     first_param,
     global_sq_norm,
     group_by_device_dtype,
+    on_host,
     real_view,
     safe_norm_and_finite,
+    scalars_on_host,
+    scalars_to_torch,
 )
 from ._dtensor import dcp_compatible  # [dtensor hook]
 
@@ -105,6 +108,17 @@ _KEY = "sam_sps"
 _SCRATCH = ("x", "offset", "e^t-x^t")  # per-parameter scratch (the last: sam_sps's)
 _PENDING = "sam_sps_pending"
 """Reserved ``optimizer.state`` key holding the first pass's record until ``second_step``."""
+
+
+def _on_host_if_cpu(fn: Callable[..., Any], *scalars: Any) -> Any:
+    """``fn(*scalars)``: the core's scalar layer, on zero-copy NumPy views of the 0-d
+    tensors when the step runs eagerly on CPU with plain tensors (as ``PSD`` and
+    ``PerturbedAdam`` do: a 0-d NumPy op costs about a microsecond, a 0-d torch op
+    several), the results turned back into CPU tensors; on torch otherwise (accelerators,
+    ``torch.compile``, DTensor), where the step reads nothing on the host."""
+    if on_host(*scalars):
+        return scalars_to_torch(fn(*scalars_on_host(list(scalars))))
+    return fn(*scalars)
 
 
 # [dtensor hook] state_dict() loadable by torch.distributed.checkpoint
@@ -522,7 +536,13 @@ class SAM_SPS(torch.optim.Optimizer):
             if not ps:
                 continue
             # c = rho (1 - lambda + lambda / ||g||) in the accumulation dtype (C3)
-            c = sam_perturbation_scale(g2, group["rho"], group["lambd"], grad_norm=gnorm)
+            c = _on_host_if_cpu(
+                lambda g2, gnorm, rho=group["rho"], lambd=group["lambd"]: sam_perturbation_scale(
+                    g2, rho, lambd, grad_norm=gnorm
+                ),
+                g2,
+                gnorm,
+            )
             c = torch.where(ok, c, torch.zeros_like(c))
             bufs = [real_view(b) for b in self._buffers(ps)]
             rps = [real_view(p) for p in ps]
@@ -639,8 +659,22 @@ class SAM_SPS(torch.optim.Optimizer):
         for group, ps, bufs, with_g in per_group:
             cfg = self._config(group)
             if cfg not in cache:
-                cache[cfg] = sam_sps_coefficients(
-                    loss_e, ge2, inner, cfg, extra_finite=ok1, grad_e_norm=ge_norm, finite=ge_fin
+                cache[cfg] = _on_host_if_cpu(
+                    lambda loss_e, ge2, inner, ok1, ge_norm, ge_fin, cfg=cfg: sam_sps_coefficients(
+                        loss_e,
+                        ge2,
+                        inner,
+                        cfg,
+                        extra_finite=ok1,
+                        grad_e_norm=ge_norm,
+                        finite=ge_fin,
+                    ),
+                    loss_e,
+                    ge2,
+                    inner,
+                    ok1,
+                    ge_norm,
+                    ge_fin,
                 )
             co = cache[cfg]
             first = co if first is None else first
