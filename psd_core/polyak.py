@@ -314,7 +314,13 @@ def sam_sps_init(params: Tree) -> SAMSPSState:
 
 
 def sam_sps_perturbation(
-    grads: Tree, params: Tree, state: SAMSPSState, config: SAMSPSConfig
+    grads: Tree,
+    params: Tree,
+    state: SAMSPSState,
+    config: SAMSPSConfig,
+    *,
+    grad_sq_norm: Array | None = None,
+    grad_norm: Array | None = None,
 ) -> tuple[list[Array], list[Array]]:
     """SAM-SPS's first half: the perturbed point :math:`e = x + c\\,g` and the offset.
 
@@ -323,15 +329,20 @@ def sam_sps_perturbation(
     (:math:`c = \rho/\\|g\\|` overflows float16) and cast once to each parameter's
     dtype to form :math:`e`.
 
+    ``grad_sq_norm`` / ``grad_norm`` (keywords, optional): :math:`\\|g\\|^2`
+    (:func:`~psd_core._array.tree_sq_norm`) and :math:`\\|g\\|`
+    (:func:`~psd_core._array.tree_norm`) when the caller has them (e.g. an adapter that
+    takes :math:`\\sqrt{\\|g\\|^2}` whenever the one-pass square is finite); computed
+    here otherwise.
+
     Returns:
         ``(e, offset)``: lists in the order of ``params``; ``offset`` in the
         accumulation dtype, for :func:`sam_sps_descent`.
     """
     xp = namespace(grads)
-    g2 = tree_sq_norm(grads)
-    scale = sam_perturbation_scale(
-        g2, config.rho, config.lambd, grad_norm=tree_norm(grads), count=state.count
-    )
+    g2 = tree_sq_norm(grads) if grad_sq_norm is None else grad_sq_norm
+    gn = tree_norm(grads) if grad_norm is None else grad_norm
+    scale = sam_perturbation_scale(g2, config.rho, config.lambd, grad_norm=gn, count=state.count)
     offset = [scale * _acc(xp, g, g2.dtype) for g in grads]
     e = [p + _to(xp, o, p.dtype) for p, o in zip(params, offset)]
     return e, offset
@@ -347,6 +358,10 @@ def sam_sps_descent(
     config: SAMSPSConfig,
     *,
     value: Array | None = None,
+    finite: Array | None = None,
+    grad_e_sq_norm: Array | None = None,
+    grad_e_norm: Array | None = None,
+    finite_e: Array | None = None,
 ) -> tuple[list[Array], SAMSPSState]:
     """SAM-SPS's second half: updates :math:`-\\gamma(\nabla f_S(e) + w\\,x)` and the state.
 
@@ -357,23 +372,27 @@ def sam_sps_descent(
         offset: from :func:`sam_sps_perturbation`.
         params: :math:`x`; state and config as for :func:`sam_sps`.
         value: the loss at :math:`x`, optional, only for the non-finite check.
+        finite, grad_e_sq_norm, grad_e_norm, finite_e: optional values the caller
+            already has: ``tree_all_finite(grads)``, ``tree_sq_norm(grads_e)``,
+            ``tree_norm(grads_e)`` and ``tree_all_finite(grads_e)`` (computed here
+            when not given).
 
     Returns:
         ``(updates, new_state)``; the updates are zero and the step is counted in
         ``skipped`` where a loss or gradient of either pass is not finite.
     """
     xp = namespace(grads_e)
-    first_ok = tree_all_finite(grads)
+    first_ok = tree_all_finite(grads) if finite is None else finite
     if value is not None:
         first_ok = first_ok & xp.isfinite(as_scalar(value, state.step_size))
     coeffs = sam_sps_coefficients(
         loss_e,
-        tree_sq_norm(grads_e),
+        tree_sq_norm(grads_e) if grad_e_sq_norm is None else grad_e_sq_norm,
         tree_dot(grads_e, offset),
         config,
         extra_finite=first_ok,
-        grad_e_norm=tree_norm(grads_e),
-        finite=tree_all_finite(grads_e),
+        grad_e_norm=tree_norm(grads_e) if grad_e_norm is None else grad_e_norm,
+        finite=tree_all_finite(grads_e) if finite_e is None else finite_e,
     )
     acc = coeffs.grad.dtype
     # a weight decay given as an array (traced) always takes part

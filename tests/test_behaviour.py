@@ -174,3 +174,37 @@ def test_psgd_gate_threshold_rejects_a_bad_variance_by_name(sigma_sq: float) -> 
         psgd_gate_threshold(0.1, sigma_sq, 4)
     with pytest.raises(ValueError, match="sigma_sq"):
         psgd_batch_size(sigma_sq, 0.1)
+
+
+def test_sam_sps_halves_take_precomputed_norms_and_checks() -> None:
+    """``sam_sps_perturbation`` / ``sam_sps_descent`` with the norms and finiteness checks
+    given (as ``psd_keras`` passes them) equal the transformation that computes them, and a
+    given ``finite=False`` skips the step."""
+    from psd_core import polyak as P
+    from psd_core._array import tree_all_finite, tree_norm, tree_sq_norm
+
+    rng = np.random.default_rng(3)
+    x = [rng.normal(size=(4, 3)), rng.normal(size=(5,))]
+    g = [rng.normal(size=(4, 3)), rng.normal(size=(5,))]
+    ge = [rng.normal(size=(4, 3)), rng.normal(size=(5,))]
+    cfg = P.sam_sps_config(0.05, 0.5, 0.0, 1.0, 1e-3, "sps+")
+    st = P.sam_sps_init(x)
+    tx = psd_core.sam_sps(0.05, 0.5, 0.0, 1.0, 1e-3, variant="sps+")
+    ref, ref_state = tx.update(g, st, x, value_and_grad_fn=lambda e: (np.asarray(2.0), ge))
+    e, off = P.sam_sps_perturbation(
+        g, x, st, cfg, grad_sq_norm=tree_sq_norm(g), grad_norm=np.sqrt(tree_sq_norm(g))
+    )
+    kw = dict(
+        finite=tree_all_finite(g),
+        grad_e_sq_norm=tree_sq_norm(ge),
+        grad_e_norm=tree_norm(ge),
+        finite_e=tree_all_finite(ge),
+    )
+    upd, new = P.sam_sps_descent(g, ge, np.asarray(2.0), off, x, st, cfg, **kw)
+    for a, b in zip(upd, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    np.testing.assert_allclose(new.step_size, ref_state.step_size, rtol=1e-12)
+    assert int(new.count) == 1 and int(new.skipped) == 0
+    kw["finite"] = np.asarray(False)
+    upd, new = P.sam_sps_descent(g, ge, np.asarray(2.0), off, x, st, cfg, **kw)
+    assert all(not np.any(u) for u in upd) and int(new.skipped) == 1 and int(new.count) == 0

@@ -62,6 +62,7 @@ from psd_core import perturbation as core
 from psd_core._array import (
     coefficient_for,
     tree_all_finite,
+    tree_norm,
     tree_select,
     tree_size,
     tree_sq_norm,
@@ -126,10 +127,24 @@ def _keras_lr(learning_rate: Any) -> Any:
     return learning_rate
 
 
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
 def _dtype(x: Any) -> str:
     """Keras's name of a dtype (``"float32"``, ...) for Keras variables, raw
-    ``tf.Variable``s and backend tensors alike."""
-    return keras.backend.standardize_dtype(x.dtype)
+    ``tf.Variable``s and backend tensors alike. ``standardize_dtype`` costs a few
+    microseconds and the step asks several times per variable, so the name of each
+    dtype object is kept (``None``, which means ``floatx()``, is not)."""
+    dt = x.dtype
+    if dt is None:
+        return keras.backend.standardize_dtype(dt)
+    try:
+        return _DTYPE_NAMES[dt]
+    except KeyError:
+        name = _DTYPE_NAMES[dt] = keras.backend.standardize_dtype(dt)
+        return name
+    except TypeError:  # an unhashable dtype object
+        return keras.backend.standardize_dtype(dt)
 
 
 def _acc_dtype(variables: list[Any]) -> str:
@@ -228,6 +243,29 @@ def _all_finite(grads: list[Any], sq_norm: Any) -> Any:
         ]
         return torch.stack(checks).all()
     return ops.cond(fast, lambda: fast, lambda: tree_all_finite(grads))
+
+
+def _norm_and_finite(grads: list[Any], sq_norm: Any) -> tuple[Any, Any]:
+    """``(tree_norm(grads), tree_all_finite(grads))`` the cheap way: when the one-pass
+    squared norm ``sq_norm`` is finite, every entry is finite and the norm is its square
+    root (equal to the overflow-safe norm up to rounding). Only a non-finite one (a
+    non-finite entry, or a finite gradient whose square overflows) runs the overflow-safe
+    norm and the entrywise check: ``ops.cond`` on TensorFlow and JAX, a host read on
+    PyTorch on CPU (free there); on other PyTorch devices both run, with no host read."""
+    fast = ops.isfinite(sq_norm)
+    if _BACKEND == "torch":
+        import torch
+
+        dev = _torch_device(grads)
+        cpu = dev is not None and dev.type == "cpu" and not torch.compiler.is_compiling()
+        if cpu and bool(fast):
+            return ops.sqrt(sq_norm), fast
+        return tree_norm(grads), tree_all_finite(grads)
+    return ops.cond(
+        fast,
+        lambda: (ops.sqrt(sq_norm), fast),
+        lambda: (tree_norm(grads), tree_all_finite(grads)),
+    )
 
 
 def _torch_device(grads: list[Any]) -> Any:
@@ -1014,17 +1052,34 @@ class SAM_SPS(_CoreOptimizer):  # noqa: N801 - the method's name
                 grads_e = [g / scale for g in grads_e]
             return loss_e, self._clip_gradients(grads_e)
 
-        c = self._config
-        tx = psd_core.sam_sps(
-            c.rho, c.lambd, c.f_star, c.gamma_b, c.weight_decay, variant=c.variant
-        )
+        # psd_core.sam_sps's update, in its two halves, with the norms and finiteness
+        # checks taken the cheap way (``_norm_and_finite``: from the one-pass squared norm
+        # unless it is not finite) instead of the overflow-safe norm and the entrywise
+        # check on every step.
+        cfg = self._config
         state = SAMSPSState(**self._read_scalars())
-        updates, new_state = tx.update(
+        g2 = _sq_norm(grads)
+        gnorm, fin = _norm_and_finite(grads, g2)
+        e, offset = psd_core.polyak.sam_sps_perturbation(
+            grads, params, state, cfg, grad_sq_norm=g2, grad_norm=gnorm
+        )
+        loss_e, grads_e = second_pass(e)
+        grads_e = list(grads_e)
+        ge2 = _sq_norm(grads_e)
+        ge_norm, fin_e = _norm_and_finite(grads_e, ge2)
+        updates, new_state = psd_core.polyak.sam_sps_descent(
             grads,
-            state,
+            grads_e,
+            loss_e,
+            offset,
             params,
-            value_and_grad_fn=second_pass,
+            state,
+            cfg,
             value=None if loss is None else ops.convert_to_tensor(loss),
+            finite=fin,
+            grad_e_sq_norm=ge2,
+            grad_e_norm=ge_norm,
+            finite_e=fin_e,
         )
         with _no_grad():
             for v, x_new in zip(variables, psd_core.apply_updates(params, updates)):
