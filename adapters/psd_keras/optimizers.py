@@ -296,7 +296,9 @@ def _jax_norm_and_direction(
         return s2, direction
     import jax
 
-    ma, va = jax.lax.optimization_barrier((list(ma), list(va)))
+    # the bias corrections too: shared scalars would be broadcast once to each
+    # variable's shape and that broadcast written out, for both readers
+    ma, va, bc1, bc2 = jax.lax.optimization_barrier((list(ma), list(va), bc1, bc2))
     return s2, core.adam_direction(ma, va, bc1, bc2, c.eps, eps_mode=c.eps_mode)
 
 
