@@ -296,23 +296,22 @@ def noise_if(
     The draws are ``noise_fn(subkey, template)`` (``template``: the gradient leaves,
     so that they are the same draws as :func:`draws_if` makes).
 
-    The fused counterpart of :func:`draws_if`: a ``jax.lax.while_loop`` that runs
-    its body once when ``pred`` is true and not at all otherwise. A while loop
-    updates its carried buffers in place, so on the usual, non-perturbing step
-    nothing parameter-sized is written (``lax.cond`` would have to produce its
-    outputs in fresh buffers on both branches). The key is advanced only when the
-    body runs, exactly as in :func:`draws_if`.
+    The fused counterpart of :func:`draws_if`: a ``jax.lax.cond`` that carries the
+    parameters and returns them unchanged on the other branch, so on the usual,
+    non-perturbing step nothing parameter-sized is written (the update stays in
+    place under donation). Not a 0/1-trip ``jax.lax.while_loop``, as before: XLA
+    hoists the draws' loop-invariant counters (two ``uint32`` arrays per distinct
+    leaf shape) out of the loop body and computes them on every step, 2x the
+    parameters written per step when the leaves' shapes differ. The key is advanced
+    only on the perturbing branch, exactly as in :func:`draws_if`.
     """
 
-    def body(
-        carry: tuple[jax.Array, list[jax.Array], jax.Array],
-    ) -> tuple[jax.Array, list[jax.Array], jax.Array]:
-        i, leaves, k = carry
+    def draw(leaves: list[jax.Array], k: jax.Array) -> tuple[list[jax.Array], jax.Array]:
         normals, nsq, uniform, new_key = _draw(k, template, like, noise_fn)
-        return i + 1, list(add_noise(leaves, normals, nsq, uniform)), new_key
+        return list(add_noise(leaves, normals, nsq, uniform)), new_key
 
-    trips = jnp.asarray(pred, jnp.int32)
-    _, out, key = jax.lax.while_loop(
-        lambda carry: carry[0] < trips, body, (jnp.zeros_like(trips), list(params), key)
-    )
+    def skip(leaves: list[jax.Array], k: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+        return leaves, k
+
+    out, key = jax.lax.cond(jnp.asarray(pred, bool), draw, skip, list(params), key)
     return out, key
