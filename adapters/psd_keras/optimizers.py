@@ -297,9 +297,10 @@ def _jax_norm_and_direction(
     import jax
 
     # the bias corrections too: shared scalars would be broadcast once to each
-    # variable's shape and that broadcast written out, for both readers
-    ma, va, bc1, bc2 = jax.lax.optimization_barrier((list(ma), list(va), bc1, bc2))
-    return s2, core.adam_direction(ma, va, bc1, bc2, c.eps, eps_mode=c.eps_mode)
+    # variable's shape and that broadcast written out, for both readers (eps as well)
+    eps = ops.convert_to_tensor(c.eps, _dtype(bc1))
+    ma, va, bc1, bc2, eps = jax.lax.optimization_barrier((list(ma), list(va), bc1, bc2, eps))
+    return s2, core.adam_direction(ma, va, bc1, bc2, eps, eps_mode=c.eps_mode)
 
 
 class _CoreOptimizer(keras.optimizers.Optimizer):
