@@ -296,14 +296,17 @@ def noise_if(
     The draws are ``noise_fn(subkey, template)`` (``template``: the gradient leaves,
     so that they are the same draws as :func:`draws_if` makes).
 
-    The fused counterpart of :func:`draws_if`: a ``jax.lax.cond`` that carries the
-    parameters and returns them unchanged on the other branch, so on the usual,
-    non-perturbing step nothing parameter-sized is written (the update stays in
-    place under donation). Not a 0/1-trip ``jax.lax.while_loop``, as before: XLA
-    hoists the draws' loop-invariant counters (two ``uint32`` arrays per distinct
-    leaf shape) out of the loop body and computes them on every step, 2x the
-    parameters written per step when the leaves' shapes differ. The key is advanced
-    only on the perturbing branch, exactly as in :func:`draws_if`.
+    The fused counterpart of :func:`draws_if`: a ``jax.lax.while_loop`` that runs
+    its body once when ``pred`` is true and not at all otherwise. A while loop
+    updates its carried buffers in place, so on the usual, non-perturbing step
+    nothing parameter-sized is written; under ``vmap`` its predicate is batched and
+    the body runs only on steps where at least one problem perturbs. The body is a
+    ``jax.lax.cond`` on ``pred`` (true whenever the body runs; a select under
+    ``vmap``): without it XLA hoists the draws' loop-invariant counters (two
+    ``uint32`` arrays per distinct leaf shape) out of the loop body and computes them
+    on every step, 2x the parameters written per step when the leaves' shapes
+    differ. The key is advanced only when the draw runs, exactly as in
+    :func:`draws_if`.
     """
 
     def draw(leaves: list[jax.Array], k: jax.Array) -> tuple[list[jax.Array], jax.Array]:
@@ -313,5 +316,17 @@ def noise_if(
     def skip(leaves: list[jax.Array], k: jax.Array) -> tuple[list[jax.Array], jax.Array]:
         return leaves, k
 
-    out, key = jax.lax.cond(jnp.asarray(pred, bool), draw, skip, list(params), key)
+    flag = jnp.asarray(pred, bool)
+
+    def body(
+        carry: tuple[jax.Array, list[jax.Array], jax.Array],
+    ) -> tuple[jax.Array, list[jax.Array], jax.Array]:
+        i, leaves, k = carry
+        leaves, k = jax.lax.cond(flag, draw, skip, leaves, k)
+        return i + 1, leaves, k
+
+    trips = jnp.asarray(pred, jnp.int32)
+    _, out, key = jax.lax.while_loop(
+        lambda carry: carry[0] < trips, body, (jnp.zeros_like(trips), list(params), key)
+    )
     return out, key
