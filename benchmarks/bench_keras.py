@@ -126,11 +126,18 @@ def _make_values(n: int, k: int, seed: int) -> list[Any]:
 
 
 def _optimizer_steppers(
-    args: argparse.Namespace, xla: bool, memory: dict[str, float] | None = None
+    args: argparse.Namespace,
+    xla: bool,
+    memory: dict[str, float] | None = None,
+    faults: dict[str, float] | None = None,
 ) -> dict[str, Callable[[], None]]:
     """name -> run ``args.steps`` compiled optimizer steps (and wait for them). On JAX
     with ``memory`` given, ``memory[name]`` is the compiled step's temporary buffers
-    (``compile().memory_analysis().temp_size_in_bytes``) over the parameters' bytes."""
+    (``compile().memory_analysis().temp_size_in_bytes``) over the parameters' bytes,
+    and with ``faults`` given, ``faults[name]`` is the memory the process touched for
+    the first time per step (minor page faults times the page size, from
+    ``getrusage``, over a second warm-up call) over the parameters' bytes: temporaries
+    that the step writes in freshly mapped memory."""
     import keras
 
     backend = keras.backend.backend()
@@ -184,8 +191,20 @@ def _optimizer_steppers(
                     opt.apply(grads, variables)
 
         run()  # compile + warm up
+        if faults is not None:
+            faults[name] = _fresh_bytes(run) / args.steps / (4 * args.params)
         out[name + (" [XLA]" if xla else "")] = run
     return out
+
+
+def _fresh_bytes(run: Callable[[], None]) -> float:
+    """Bytes of memory first touched (minor page faults x page size) during ``run()``."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    run()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return float((after - before) * resource.getpagesize())
 
 
 def _fit_steppers(args: argparse.Namespace) -> dict[str, Callable[[], list[float]]]:
@@ -247,7 +266,12 @@ def run_backend(args: argparse.Namespace) -> dict[str, Any]:
 
     backend = keras.backend.backend()
     memory: dict[str, float] | None = {} if args.memory and backend == "jax" else None
-    opt_runs = {} if args.skip_optimizer else _optimizer_steppers(args, xla=False, memory=memory)
+    faults: dict[str, float] | None = {} if args.memory and backend == "jax" else None
+    opt_runs = (
+        {}
+        if args.skip_optimizer
+        else _optimizer_steppers(args, xla=False, memory=memory, faults=faults)
+    )
     if backend == "tensorflow" and args.tf_xla and not args.skip_optimizer:
         opt_runs.update(_optimizer_steppers(args, xla=True))
     fit_runs = {} if args.skip_fit else _fit_steppers(args)
@@ -279,6 +303,7 @@ def run_backend(args: argparse.Namespace) -> dict[str, Any]:
         "load": statistics.mean(loads),
         "rows": rows,
         "memory": memory or {},
+        "faults": faults or {},
     }
 
 
@@ -312,6 +337,13 @@ def print_backend(res: dict[str, Any], args: argparse.Namespace) -> None:
             "\nCompiled step's temporaries (`memory_analysis().temp_size_in_bytes`), in parameter sizes:\n"
         )
         for name, x in res["memory"].items():
+            print(f"- {name}: {x:.2f}x")
+    if res.get("faults"):
+        print(
+            "\nMemory first touched per step (minor page faults x page size, `getrusage`),"
+            " in parameter sizes:\n"
+        )
+        for name, x in res["faults"].items():
             print(f"- {name}: {x:.2f}x")
 
 
@@ -352,7 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tf-xla", action="store_true", help="also TF jit_compile=True rows")
     ap.add_argument("--torch-threads", type=int, help="torch backend: torch.set_num_threads")
     ap.add_argument(
-        "--memory", action="store_true", help="JAX: print the compiled steps' temporary bytes"
+        "--memory",
+        action="store_true",
+        help="JAX: print the compiled steps' temporary bytes and the memory first touched per step",
     )
     ap.add_argument("--skip-fit", action="store_true")
     ap.add_argument("--skip-optimizer", action="store_true")

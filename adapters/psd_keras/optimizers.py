@@ -32,11 +32,9 @@ gradient (or Adam) part of the step come first, from the core with placeholder
 noise statistics (the gate, that part and the state do not depend on the draws),
 and the noise is added in a branch that runs only when the gate opens
 (:meth:`_CoreOptimizer._perturb_if`): ``tf.cond`` on TensorFlow, a Python ``if``
-(one host sync) on PyTorch, and on JAX a ``jax.lax.cond`` that returns only the
-noise update and the seed state (zeros and the unchanged seed on the other
-branch), added to the variables outside it in the same fused pass as the gradient
-part; PerturbedAdam's reset of the moments on a perturbation is a
-``jax.lax.while_loop`` of 0 or 1 trips that carries only the moments (in place).
+(one host sync) on PyTorch, and on JAX a ``jax.lax.cond`` that carries the
+variables (after the gradient part), PerturbedAdam's moments (reset to zeros on a
+perturbation) and the seed state, and returns them unchanged on a quiet step.
 A perturbation makes one ``keras.random.normal`` call per parameter dtype (the
 draws are split into the variables' shapes), each seeded by the optimizer's ``SeedGenerator`` state, which
 then advances by ``[0, 1]`` exactly as ``SeedGenerator.next`` does; on JAX the
@@ -318,6 +316,38 @@ def _torch_adam_direction_(
     return TorchPerturbedAdam._direction(list(mu), list(nu), b1c, b2c, ec, True)
 
 
+def _jax_norm_and_direction(
+    direction: list[Any],
+    ma: list[Any],
+    va: list[Any],
+    m: list[Any],
+    v: list[Any],
+    bc1: Any,
+    bc2: Any,
+    c: core.PerturbedAdamConfig,
+) -> tuple[Any, list[Any]]:
+    """JAX: the squared norm of the Adam ``direction`` and the direction the update
+    uses, without a parameter-sized temporary. The direction has two readers, its norm
+    (the gate) and the parameter update; XLA:CPU then writes it out once and reads
+    it twice, and at 10M parameters that temporary (fresh memory on every step) cost
+    more than the rest of the step. Here the norm's reduction computes the direction
+    from the moments in its own pass, and the update recomputes it (the same core
+    formula, :func:`psd_core.perturbation.adam_direction`) from the written moments
+    behind an ``optimization_barrier``, so that XLA cannot merge the two. Where the
+    moments are stored in another dtype than the direction's (16-bit moments) the
+    shared direction is kept: recomputing it would need the unrounded moments."""
+    s2 = tree_sq_norm(direction)
+    if any(a is not x for a, x in zip(ma, m)) or any(a is not x for a, x in zip(va, v)):
+        return s2, direction
+    import jax
+
+    # the bias corrections too: shared scalars would be broadcast once to each
+    # variable's shape and that broadcast written out, for both readers (eps as well)
+    eps = ops.convert_to_tensor(c.eps, _dtype(bc1))
+    ma, va, bc1, bc2, eps = jax.lax.optimization_barrier((list(ma), list(va), bc1, bc2, eps))
+    return s2, core.adam_direction(ma, va, bc1, bc2, eps, eps_mode=c.eps_mode)
+
+
 class _CoreOptimizer(keras.optimizers.Optimizer):
     """Shared plumbing: seed generator, scalar state variables, noise draws."""
 
@@ -481,36 +511,35 @@ class _CoreOptimizer(keras.optimizers.Optimizer):
             import jax
             import jax.numpy as jnp
 
-            # Only the noise update (and the seed state) crosses the ``lax.cond``
-            # (psd_optax's ``draws_if``): the variables stay outside it, so their
-            # update (gradient part + noise) is one fused add. A 0-trip ``while_loop``
-            # carrying the variables cost 2x to 4x the step (issue 16, docs/benchmarks.md).
-            def on(seed: Any) -> tuple[list[Any], Any]:
+            # One ``lax.cond`` carries the variables (already updated by the gradient
+            # part), the moments to reset and the seed state; the quiet branch returns
+            # them unchanged, so a quiet step writes nothing parameter-sized (issue 16,
+            # docs/benchmarks.md, round 6). Not a ``lax.cond`` returning the noise
+            # update (zeros on a quiet step, written to a parameter-sized buffer on
+            # every step), nor a 0/1-trip ``while_loop``: XLA hoists the draw's
+            # loop-invariant counters (two uint32 arrays of the parameters' size) out
+            # of the loop body and computes them on every step.
+            def on(vals: list[Any], zs: list[Any], seed: Any) -> tuple[Any, ...]:
                 normals, uniform, seed = draw(seed)
                 ups = _cast_like(noise_updates(normals, uniform), variables)
-                return ups, seed
+                vals = [x + u for x, u in zip(vals, ups)]
+                return vals, [jnp.zeros_like(x) for x in zs], seed
 
-            def off(seed: Any) -> tuple[list[Any], Any]:
-                return [jnp.zeros(tuple(v.shape), _dtype(v)) for v in variables], seed
+            def off(vals: list[Any], zs: list[Any], seed: Any) -> tuple[Any, ...]:
+                return vals, zs, seed
 
-            ups, seed = jax.lax.cond(pred, on, off, _read(gen.state))
-            self._apply_updates(variables, ups)
-            if resets:
-                # The moments are final when written (contract C4); a perturbation
-                # zeroes them in place, in a loop of 0 or 1 trips that carries only
-                # them (a select outside would keep the new moments in temporaries
-                # until the gate, which needs the direction's norm, is known).
-                def zero(carry: tuple[Any, list[Any]]) -> tuple[Any, list[Any]]:
-                    return carry[0] + 1, [jnp.zeros_like(x) for x in carry[1]]
-
-                trips = ops.cast(pred, "int32")
-                _, zs = jax.lax.while_loop(
-                    lambda c: c[0] < trips,
-                    zero,
-                    (jnp.zeros((), "int32"), [_read(r) for r in resets]),
-                )
-                for r, x in zip(resets, zs):
-                    self.assign(r, x)
+            vals, zs, seed = jax.lax.cond(
+                pred,
+                on,
+                off,
+                [_read(v) for v in variables],
+                [_read(r) for r in resets],
+                _read(gen.state),
+            )
+            for v, x in zip(variables, vals):
+                v.assign(x)
+            for r, x in zip(resets, zs):
+                self.assign(r, x)
             gen.state.assign(seed)
             return
 
@@ -863,7 +892,10 @@ class PerturbedAdam(_CoreOptimizer):
             ma = [a if _dtype(a) != _dtype(x) else x for a, x in zip(mu1, m)]
             va = [a if _dtype(a) != _dtype(x) else x for a, x in zip(nu1, v)]
             direction = core.adam_direction(ma, va, bc1, bc2, c.eps, eps_mode=c.eps_mode)
-        s2 = _sq_norm(direction)
+        if _BACKEND == "jax":
+            s2, direction = _jax_norm_and_direction(direction, ma, va, m, v, bc1, bc2, c)
+        else:
+            s2 = _sq_norm(direction)
 
         def coefficients(nsq: Any, uniform: Any) -> core.PSDCoefficients:
             a = core.perturbed_adam_coefficients(

@@ -256,6 +256,18 @@ def perturbed_adam(
         va = [a if a.dtype != x.dtype else x for a, x in zip(nu1, v)]
         direction = core.adam_direction(ma, va, bc1, bc2, cfg.eps, eps_mode=cfg.eps_mode)
         s2 = tree_sq_norm(direction)
+        if all(a is x for a, x in zip(ma + va, m + v)):
+            # The direction has two readers, its norm and the parameter update; XLA:CPU
+            # then writes it out (a parameter-sized temporary, in freshly mapped memory
+            # on every step at 1e7 parameters). The update recomputes it (the same core
+            # formula) from the written moments, the bias corrections and eps behind an
+            # optimization barrier, so that the norm's reduction computes it in its own
+            # pass. (16-bit moments keep the shared direction: it comes from the
+            # unrounded moments.)
+            # (eps too: a constant broadcast to each leaf's shape is shared likewise)
+            eps = jnp.asarray(cfg.eps, bc1.dtype)
+            ma, va, bc1, bc2, eps = jax.lax.optimization_barrier((ma, va, bc1, bc2, eps))
+            direction = core.adam_direction(ma, va, bc1, bc2, eps, eps_mode=cfg.eps_mode)
         one = jnp.ones_like(s2)
         probe, new = core.perturbed_adam_coefficients(
             s2, g2, cstate, cfg, dim=dim, noise_sq_norm=one, uniform=one, finite=finite

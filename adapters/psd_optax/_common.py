@@ -299,17 +299,31 @@ def noise_if(
     The fused counterpart of :func:`draws_if`: a ``jax.lax.while_loop`` that runs
     its body once when ``pred`` is true and not at all otherwise. A while loop
     updates its carried buffers in place, so on the usual, non-perturbing step
-    nothing parameter-sized is written (``lax.cond`` would have to produce its
-    outputs in fresh buffers on both branches). The key is advanced only when the
-    body runs, exactly as in :func:`draws_if`.
+    nothing parameter-sized is written; under ``vmap`` its predicate is batched and
+    the body runs only on steps where at least one problem perturbs. The body is a
+    ``jax.lax.cond`` on ``pred`` (true whenever the body runs; a select under
+    ``vmap``): without it XLA hoists the draws' loop-invariant counters (two
+    ``uint32`` arrays per distinct leaf shape) out of the loop body and computes them
+    on every step, 2x the parameters written per step when the leaves' shapes
+    differ. The key is advanced only when the draw runs, exactly as in
+    :func:`draws_if`.
     """
+
+    def draw(leaves: list[jax.Array], k: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+        normals, nsq, uniform, new_key = _draw(k, template, like, noise_fn)
+        return list(add_noise(leaves, normals, nsq, uniform)), new_key
+
+    def skip(leaves: list[jax.Array], k: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+        return leaves, k
+
+    flag = jnp.asarray(pred, bool)
 
     def body(
         carry: tuple[jax.Array, list[jax.Array], jax.Array],
     ) -> tuple[jax.Array, list[jax.Array], jax.Array]:
         i, leaves, k = carry
-        normals, nsq, uniform, new_key = _draw(k, template, like, noise_fn)
-        return i + 1, list(add_noise(leaves, normals, nsq, uniform)), new_key
+        leaves, k = jax.lax.cond(flag, draw, skip, leaves, k)
+        return i + 1, leaves, k
 
     trips = jnp.asarray(pred, jnp.int32)
     _, out, key = jax.lax.while_loop(
