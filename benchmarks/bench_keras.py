@@ -107,6 +107,95 @@ def fit_table() -> dict[str, tuple[str, Callable[[], Any], Callable[[], Any]]]:
     }
 
 
+def _sq_norm_floor(grads: list[Any]) -> Any:
+    """The gradients' squared norm with the backend's cheapest stock primitive: one
+    BLAS dot per tensor on PyTorch, ``sum(square(g))`` elsewhere (XLA fuses it into
+    one read; TensorFlow without XLA runs two kernels)."""
+    import keras
+    from keras import ops
+
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum()
+    return sum(ops.sum(ops.square(g)) for g in grads)
+
+
+def floor_table() -> dict[str, tuple[str, Callable[[], Any]]]:
+    """name -> (baseline name, factory) for ``--floor``: Keras's own SGD and Adam with
+    the reads that PSD and PerturbedAdam cannot do without, and nothing else.
+
+    * PSD with its gate closed must read the gradients once more, for the global
+      norm (the gate, and the finiteness check of contract C4), before or beside
+      SGD's update: ``keras SGD + gradient norm`` is Keras SGD whose learning rate is
+      multiplied by ``isfinite(||g||^2)`` (so the norm is computed and used).
+    * PerturbedAdam must also take the global norm of the Adam direction
+      ``m_hat / (sqrt(v_hat) + eps)`` (its gate): ``keras Adam + gradient and
+      direction norms`` is Keras Adam, its learning rate scaled as above, followed by
+      the direction's squared norm from the updated moments, written to an optimizer
+      variable so that the compiler keeps it.
+
+    The rows are stock Keras and backend code (no psd_core, no psd_keras): what the
+    same compiler makes of the least extra work each algorithm needs."""
+    import keras
+    from keras import ops
+
+    # the backend's own classes (keras.optimizers.SGD() is a torch_sgd.SGD on PyTorch,
+    # with its foreach update; a subclass of keras.optimizers.SGD itself is not)
+    sgd_cls, adam_cls = type(keras.optimizers.SGD()), type(keras.optimizers.Adam())
+
+    class SGDPlusNorm(sgd_cls):  # type: ignore[misc, valid-type]
+        def _backend_update_step(self, grads: Any, variables: Any, learning_rate: Any) -> None:
+            super()._backend_update_step(grads, variables, _gated_lr(grads, learning_rate))
+
+    class AdamPlusNorms(adam_cls):  # type: ignore[misc, valid-type]
+        def build(self, variables: Any) -> None:
+            super().build(variables)
+            self._floor_d2 = self.add_variable((), name="floor_d2")
+
+        def _backend_update_step(self, grads: Any, variables: Any, learning_rate: Any) -> None:
+            super()._backend_update_step(grads, variables, _gated_lr(grads, learning_rate))
+            t = ops.cast(self.iterations + 1, "float32")
+            bc1 = 1 - ops.power(ops.cast(self.beta_1, "float32"), t)
+            bc2 = 1 - ops.power(ops.cast(self.beta_2, "float32"), t)
+            d2 = 0.0
+            for v in variables:
+                i = self._get_variable_index(v)
+                m, nu = self._momentums[i].value, self._velocities[i].value
+                d = (m / bc1) / (ops.sqrt(nu / bc2) + self.epsilon)
+                d2 = d2 + ops.sum(ops.square(d))
+            self._floor_d2.assign(d2)
+
+    return {
+        "floor: keras SGD + gradient norm": (
+            "keras SGD",
+            lambda: SGDPlusNorm(1e-3),
+        ),
+        "floor: keras Adam + gradient and direction norms": (
+            "keras Adam",
+            lambda: AdamPlusNorms(1e-3),
+        ),
+    }
+
+
+def _gated_lr(grads: Any, learning_rate: Any) -> Any:
+    """``learning_rate * isfinite(||g||^2)``: the norm is computed and used. On PyTorch
+    (eager, CPU) a Python float read on the host, as psd_keras and psd_torch do on CPU
+    (free there): a tensor ``alpha`` takes a slower ``_foreach_add_`` path."""
+    import keras
+    from keras import ops
+
+    g2 = _sq_norm_floor(list(grads))
+    lr = learning_rate * ops.cast(ops.isfinite(g2), _dtype_of(learning_rate))
+    return float(lr) if keras.backend.backend() == "torch" else lr
+
+
+def _dtype_of(x: Any) -> str:
+    import keras
+
+    return keras.backend.standardize_dtype(x.dtype)
+
+
 TARGETS = {
     "psd_keras.PSD (gate closed)": 2.0,
     "psd_keras.PerturbedAdam (no perturbation)": 1.3,
@@ -116,6 +205,10 @@ TARGETS = {
 
 
 # --------------------------------------------------------------------------- one backend
+def _steps_table(args: argparse.Namespace) -> dict[str, tuple[str, Callable[[], Any]]]:
+    return {**optimizer_table(), **(floor_table() if args.floor else {})}
+
+
 def _make_values(n: int, k: int, seed: int) -> list[Any]:
     import numpy as np
 
@@ -145,7 +238,7 @@ def _optimizer_steppers(
     g0 = [1e-3 * g for g in _make_values(args.params, args.variables, 1)]
     grads = [keras.ops.convert_to_tensor(g) for g in g0]
     out: dict[str, Callable[[], None]] = {}
-    for name, (_, factory) in optimizer_table().items():
+    for name, (_, factory) in _steps_table(args).items():
         variables = [keras.Variable(p, name=f"w{i:03d}") for i, p in enumerate(p0)]
         opt = factory()
         opt.build(variables)
@@ -288,7 +381,7 @@ def run_backend(args: argparse.Namespace) -> dict[str, Any]:
         for name, run in fit_runs.items():
             fit_samples[name].extend(run())
 
-    baselines = {k: b for k, (b, _) in optimizer_table().items()}
+    baselines = {k: b for k, (b, _) in _steps_table(args).items()}
     baselines.update({k + " [XLA]": b + " [XLA]" for k, b in baselines.items()})
     baselines.update({k: b for k, (b, _, _) in fit_table().items()})
     times = {k: statistics.median(v) for k, v in {**opt_samples, **fit_samples}.items() if v}
@@ -387,6 +480,11 @@ def main(argv: list[str] | None = None) -> None:
         "--memory",
         action="store_true",
         help="JAX: print the compiled steps' temporary bytes and the memory first touched per step",
+    )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also the floor rows: Keras SGD/Adam plus only the norms PSD/PerturbedAdam need",
     )
     ap.add_argument("--skip-fit", action="store_true")
     ap.add_argument("--skip-optimizer", action="store_true")

@@ -135,6 +135,8 @@ KERAS_ROWS = {
     "fit: keras SGD": "fit: keras SGD",
     "fit: psd_keras.PSD (gate closed)": "fit: keras SGD",
     "fit: psd_keras.SAM_SPS (two passes)": "fit: keras SGD",
+    "floor: keras SGD + gradient norm": "keras SGD",
+    "floor: keras Adam + gradient and direction norms": "keras Adam",
 }
 
 
@@ -155,6 +157,7 @@ def test_bench_keras_prints_every_row(backend):
         "--backend", backend,
         "--params", "2000", "--variables", "3", "--steps", "1", "--rounds", "1",
         "--mlp-in", "8", "--mlp-width", "8", "--mlp-batch", "4", "--mlp-batches", "3",
+        "--floor",
     ]  # fmt: skip
     t0 = time.perf_counter()
     try:
