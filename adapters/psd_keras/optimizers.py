@@ -881,16 +881,34 @@ class PerturbedAdam(_CoreOptimizer):
             # the new moments in the accumulation dtype: the direction comes from them,
             # and they are rounded only for storage (16-bit moments, as fused Adam)
             mu1, nu1 = core.adam_moments(grads, mu, nu, c.b1, c.b2, accumulate=True)
-            m = tree_select(finite, core.adam_store(mu1, mu), mu)
-            v = tree_select(finite, core.adam_store(nu1, nu), nu)
-            for var, val in zip(mu_vars, m):
-                self.assign(var, val)
-            for var, val in zip(nu_vars, v):
-                self.assign(var, val)
-            # Where storage keeps the dtype, the written moments (the same values on a
-            # finite step). On a skipped step the update is zero whatever the direction is.
-            ma = [a if _dtype(a) != _dtype(x) else x for a, x in zip(mu1, m)]
-            va = [a if _dtype(a) != _dtype(x) else x for a, x in zip(nu1, v)]
+            if _BACKEND == "tensorflow":
+                # TensorFlow runs each op as its own kernel: a select per moment (two
+                # parameter-sized passes) costs more than writing the new moments only
+                # where the gradient is finite (``tf.cond``, as the gradient part). The
+                # direction then comes from the new moments; on a skipped step it may
+                # be non-finite and is not used: the update is not applied and the
+                # gate ignores the step norm (``finite=False``).
+                def write() -> Any:
+                    for var, val in zip(mu_vars, core.adam_store(mu1, mu)):
+                        self.assign(var, val)
+                    for var, val in zip(nu_vars, core.adam_store(nu1, nu)):
+                        self.assign(var, val)
+                    return ops.convert_to_tensor(True)
+
+                ops.cond(finite, write, lambda: ops.convert_to_tensor(False))
+                ma, va = mu1, nu1
+            else:
+                m = tree_select(finite, core.adam_store(mu1, mu), mu)
+                v = tree_select(finite, core.adam_store(nu1, nu), nu)
+                for var, val in zip(mu_vars, m):
+                    self.assign(var, val)
+                for var, val in zip(nu_vars, v):
+                    self.assign(var, val)
+                # Where storage keeps the dtype, the written moments (the same values on
+                # a finite step). On a skipped step the update is zero whatever the
+                # direction is.
+                ma = [a if _dtype(a) != _dtype(x) else x for a, x in zip(mu1, m)]
+                va = [a if _dtype(a) != _dtype(x) else x for a, x in zip(nu1, v)]
             direction = core.adam_direction(ma, va, bc1, bc2, c.eps, eps_mode=c.eps_mode)
         if _BACKEND == "jax":
             s2, direction = _jax_norm_and_direction(direction, ma, va, m, v, bc1, bc2, c)
