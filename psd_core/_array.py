@@ -61,22 +61,75 @@ def register_namespace_hook(hook: Callable[[Any], Any]) -> None:
     """
     if hook not in _NAMESPACE_HOOKS:
         _NAMESPACE_HOOKS.append(hook)
+        _LEAF_NAMESPACES.clear()
 
 
-def namespace(*trees: Array) -> Any:
-    """The array namespace of the leaves of one or more trees (or bare arrays)."""
-    leaves: list[Array] = []
-    for t in trees:
-        if isinstance(t, list | tuple):
-            leaves.extend(t)
-        elif t is not None:
-            leaves.append(t)
+_LEAF_NAMESPACES: dict[Any, Any] = {}
+"""``(id(type), dtype) -> (type, namespace)`` of the leaves seen so far. The namespace of an array
+depends only on its type (and, for array-api-compat, on its dtype: a NumPy array of
+JAX's ``float0`` belongs to JAX), so it is resolved once per kind of leaf instead of
+once per call: the core's scalar layer asks for it dozens of times per step, and
+``array_namespace`` costs microseconds each time."""
+
+_PY_SCALARS = (bool, int, float, complex)
+
+
+def _leaf_namespace(leaf: Array) -> Any:
+    """The namespace of one array (cached by type and dtype; see :func:`_int_range`
+    for why there is no ``try`` around the lookup)."""
+    dtype = getattr(leaf, "dtype", None)
+    key: Any = None
+    xp = None
+    if getattr(type(dtype), "__hash__", None) is not None:  # else: resolve every time
+        key = (id(type(leaf)), dtype)
+        hit = _LEAF_NAMESPACES.get(key)
+        if hit is not None and hit[0] is type(leaf):  # (an id is reused only once freed)
+            xp = hit[1]
+    if xp is None:
+        for hook in _NAMESPACE_HOOKS:
+            xp = hook(leaf)
+            if xp is not None:
+                break
+        else:
+            xp = array_namespace(leaf)
+        if key is not None:
+            _LEAF_NAMESPACES[key] = (type(leaf), xp)
+    return xp
+
+
+def _namespace_uncached(leaves: list[Array]) -> Any:
     for hook in _NAMESPACE_HOOKS:
         for leaf in leaves:
             xp = hook(leaf)
             if xp is not None:
                 return xp
     return array_namespace(*leaves)
+
+
+def namespace(*trees: Array) -> Any:
+    """The array namespace of the leaves of one or more trees (or bare arrays).
+
+    Python scalars among the leaves are ignored, as ``array_namespace`` ignores them;
+    leaves of different libraries raise its ``TypeError`` (unless a hook claims one).
+    """
+    leaves: list[Array] = []
+    for t in trees:
+        if isinstance(t, list | tuple):
+            leaves.extend(t)
+        elif t is not None:
+            leaves.append(t)
+    xp = None
+    for leaf in leaves:
+        if isinstance(leaf, _PY_SCALARS):
+            continue
+        x = _leaf_namespace(leaf)
+        if xp is None:
+            xp = x
+        elif x is not xp:  # mixed libraries: the full rules (hooks first, then the error)
+            return _namespace_uncached(leaves)
+    if xp is None:  # no array at all: array_namespace's error
+        return _namespace_uncached(leaves)
+    return xp
 
 
 def real_dtype(xp: Any, dtype: Any) -> Any:
@@ -144,10 +197,11 @@ def int_constant(value: Any, like: Array) -> Array:
     a traced budget (``optax.inject_hyperparams`` under ``jax.jit``) stays traceable.
     """
     xp = namespace(like)
-    info = xp.iinfo(like.dtype)
     if not hasattr(value, "dtype") or isinstance(value, (bool, int)):
-        v = max(min(int(value), int(info.max)), int(info.min))
+        lo, hi = _int_range(xp, like.dtype)
+        v = max(min(int(value), hi), lo)
         return xp.asarray(v, dtype=like.dtype, device=scalar_device(like))
+    info = xp.iinfo(like.dtype)
     top = xp.asarray(int(info.max), dtype=like.dtype, device=scalar_device(like))
     bottom = xp.asarray(int(info.min), dtype=like.dtype, device=scalar_device(like))
     if xp.isdtype(value.dtype, "integral"):
@@ -162,10 +216,34 @@ def int_constant(value: Any, like: Array) -> Array:
     return xp.where(above, top, xp.where(below, bottom, cast))
 
 
+_INT_RANGES: dict[Any, tuple[int, int]] = {}
+
+
+def _int_range(xp: Any, dtype: Any) -> tuple[int, int]:
+    """``(iinfo(dtype).min, iinfo(dtype).max)`` as Python ints (static; cached).
+
+    Keyed by ``(id(xp), dtype)`` and looked up with ``dict.get``, without ``try``. The
+    round-6 version keyed the cache by the module and caught ``KeyError``. With keys of
+    several libraries in it, Dynamo could not compare the module keys and broke the graph
+    at that lookup, inside the ``try``, and the compiled PSD step then left its counters
+    at 0 (``tests/test_array_namespace.py`` reproduces it). This version compiles
+    without a graph break here.
+    """
+    if getattr(type(dtype), "__hash__", None) is None:  # an unhashable dtype
+        info = xp.iinfo(dtype)
+        return int(info.min), int(info.max)
+    key = (id(xp), dtype)
+    r = _INT_RANGES.get(key)
+    if r is None:
+        info = xp.iinfo(dtype)
+        r = _INT_RANGES[key] = (int(info.min), int(info.max))
+    return r
+
+
 def saturating_increment(counter: Array) -> Array:
     """``counter + 1`` that stops at the dtype's maximum instead of wrapping."""
     xp = namespace(counter)
-    top = int_constant(xp.iinfo(counter.dtype).max, counter)
+    top = int_constant(_int_range(xp, counter.dtype)[1], counter)
     return xp.where(counter < top, counter + xp.ones_like(counter), counter)
 
 
