@@ -51,6 +51,7 @@ from typing import Any, NamedTuple
 from ._array import (
     Array,
     Tree,
+    _int_range,
     accumulation_dtype,
     as_scalar,
     cast,
@@ -256,7 +257,7 @@ def psd_init(
 def _t_thres(t_thres: int, like: Array) -> Array:
     """``t_thres`` as a counter constant, at most ``max - 1`` so that ``since > t`` can hold."""
     xp = namespace(like)
-    top = int(xp.iinfo(like.dtype).max) - 1
+    top = _int_range(xp, like.dtype)[1] - 1
     return xp.minimum(int_constant(t_thres, like), int_constant(top, like))
 
 

@@ -109,3 +109,36 @@ def test_bench_torch_cpu_clock_and_threads_options():
     for name, cells in floors.items():
         assert float(cells[1]) > 0 and math.isfinite(float(cells[1])), (name, cells)
     assert [float(c[-1]) for c in floors.values()] == [0.0, 1.0]
+
+
+def test_sam_sps_passes_prints_each_pass_and_the_sweep():
+    pytest.importorskip("torch")
+    out = run(
+        "sam_sps_passes.py",
+        "--params",
+        "40000",
+        "--tensors",
+        "4",
+        "--rounds",
+        "2",
+        "--chunks",
+        "4096,65536",
+    )
+    rows = table_rows(out)
+    names = [
+        "SGD(foreach) step",
+        "pass 1: squared norm of g",
+        "pass 2: stash x, x -> e",
+        "pass 3: squared norm of g_e, <g_e, e - x>",
+        "pass 4: restore and descend",
+        "sum of the four passes",
+        "sum, chunk 4096",
+        "sum, chunk 65536",
+    ]
+    for name in names:
+        assert name in rows, (name, out)
+        ms, ratio = (float(c) for c in rows[name])
+        assert ms > 0 and math.isfinite(ratio) and ratio > 0, (name, rows[name])
+    assert float(rows["SGD(foreach) step"][1]) == 1.0
+    parts = sum(float(rows[n][0]) for n in names[1:5])
+    assert math.isclose(float(rows["sum of the four passes"][0]), parts, rel_tol=0.02, abs_tol=0.02)

@@ -189,13 +189,15 @@ def _sq_norm(grads: list[Any]) -> Any:
     """:func:`psd_core._array.tree_sq_norm` of the gradients. On PyTorch with contiguous
     float32/float64 gradients it is one BLAS dot per tensor (one pass, no temporary,
     as ``psd_torch`` does) instead of a square and a sum."""
-    if _BACKEND == "torch" and all(
-        _dtype(g) in ("float32", "float64") and g.is_contiguous() for g in grads
-    ):
+    if _BACKEND == "torch":
         import torch
 
-        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        return torch.stack([torch.dot(g.view(-1), g.view(-1)).to(acc) for g in grads]).sum()
+        dts = {g.dtype for g in grads}
+        if dts <= {torch.float32, torch.float64} and all(g.is_contiguous() for g in grads):
+            sq = [torch.dot(f, f) for f in (g if g.dim() == 1 else g.view(-1) for g in grads)]
+            if len(dts) > 1:  # float32 and float64 tensors: summed in float64
+                sq = [x.to(torch.float64) for x in sq]
+            return torch.stack(sq).sum()
     if _BACKEND == "jax":
         import jax
 
@@ -264,6 +266,26 @@ def _norm_and_finite(grads: list[Any], sq_norm: Any) -> tuple[Any, Any]:
         lambda: (ops.sqrt(sq_norm), fast),
         lambda: (tree_norm(grads), tree_all_finite(grads)),
     )
+
+
+def _scalars_on_host(grads: list[Any]) -> bool:
+    """Whether this step's scalar layer runs on NumPy views (PyTorch only): CPU
+    tensors, eager (not under ``torch.compile``), outside a Keras ``StatelessScope``
+    (whose variables are not written in place). There each 0-d torch op of the core's
+    scalar layer costs microseconds of dispatch while the same op on a NumPy 0-d array
+    costs about one, and the values are read on the host anyway; ``psd_torch`` runs its
+    scalar layer the same way (:func:`psd_torch._common.on_host`)."""
+    if _BACKEND != "torch" or not grads:
+        return False
+    try:
+        from keras.src.backend.common.stateless_scope import in_stateless_scope
+    except ImportError:  # pragma: no cover - another Keras layout: stay on torch
+        return False
+    if in_stateless_scope():
+        return False
+    from psd_torch._common import on_host
+
+    return bool(on_host(*grads))
 
 
 def _torch_device(grads: list[Any]) -> Any:
@@ -388,14 +410,52 @@ class _CoreOptimizer(keras.optimizers.Optimizer):
                 name=name,
             )
 
-    def _read_scalars(self) -> dict[str, Any]:
+    def _static(self, variables: list[Any]) -> dict[str, Any]:
+        """Static facts of the last list of variables stepped (their dtype names, the
+        real dimension), kept while the same variables come back: each costs a few
+        microseconds per variable to ask Keras for, on every step."""
+        key = tuple(map(id, variables))
+        hit = self.__dict__.get("_static_cache")
+        if hit is None or hit[0] != key:
+            hit = (key, {"dtypes": [_dtype(v) for v in variables]})
+            self.__dict__["_static_cache"] = hit
+        return hit[1]
+
+    def _variable_dtypes(self, variables: list[Any]) -> list[str]:
+        return self._static(variables)["dtypes"]
+
+    def _tree_size(self, grads: list[Any], variables: list[Any]) -> int:
+        """:func:`psd_core._array.tree_size` of ``grads`` (static: a gradient has its
+        variable's shape)."""
+        facts = self._static(variables)
+        if "dim" not in facts:
+            facts["dim"] = tree_size(grads)
+        return int(facts["dim"])
+
+    def _read_scalars(self, host: bool = False) -> dict[str, Any]:
+        """The scalar state: backend tensors, or with ``host`` (see
+        :func:`_scalars_on_host`) zero-copy NumPy views of the torch variables."""
+        if host:
+            values = {n: self._state[n].value.detach().numpy() for n, _ in self._SCALARS}
+            for name, kind in self._SCALARS:
+                if kind == "bool":
+                    values[name] = values[name].astype(bool)
+            return values
         values = {name: _read(self._state[name]) for name, _ in self._SCALARS}
         for name, kind in self._SCALARS:
             if kind == "bool":  # stored as an integer (saved files stay numeric)
                 values[name] = ops.cast(values[name], "bool")
         return values
 
-    def _write_scalars(self, values: dict[str, Any]) -> None:
+    def _write_scalars(self, values: dict[str, Any], host: bool = False) -> None:
+        """Stores the new scalar state. With ``host`` the values are NumPy 0-d arrays:
+        all are read as Python numbers first (some may be views of the variables being
+        written), then each torch variable is filled in place."""
+        if host:
+            new = {n: values[n].item() for n, _ in self._SCALARS if n in values}
+            for name, value in new.items():
+                self._state[name].value.fill_(value)
+            return
         for name, _ in self._SCALARS:
             if name in values:
                 var = self._state[name]
@@ -470,11 +530,15 @@ class _CoreOptimizer(keras.optimizers.Optimizer):
         if _BACKEND == "torch":
             import torch
 
-            ok, a = torch.stack([go.to(coeffs.grad.dtype), coeffs.grad]).tolist()
+            if isinstance(go, torch.Tensor):
+                ok, a = torch.stack([go.to(coeffs.grad.dtype), coeffs.grad]).tolist()
+            else:  # the scalar layer ran on the host (NumPy)
+                ok, a = bool(go), float(coeffs.grad)
             if not ok:
                 return
-            if all(_dtype(g) == _dtype(v) for g, v in zip(grads, variables)):
-                torch._foreach_add_([v.value for v in variables], list(grads), alpha=a)
+            vals = [v.value for v in variables]
+            if all(g.dtype == x.dtype for g, x in zip(grads, vals)):
+                torch._foreach_add_(vals, list(grads), alpha=a)
                 return
 
         def add() -> Any:
@@ -577,10 +641,8 @@ class _CoreOptimizer(keras.optimizers.Optimizer):
         variables = list(trainable_variables)
         with _no_grad():
             grads = [_dense(g) for g in grads]
-            grads = [
-                g if _dtype(g) == _dtype(v) else ops.cast(g, _dtype(v))
-                for g, v in zip(grads, variables)
-            ]
+            names = self._variable_dtypes(variables)
+            grads = [g if _dtype(g) == n else ops.cast(g, n) for g, n in zip(grads, names)]
             lr = ops.convert_to_tensor(learning_rate)
             self._core_step(grads, variables, lr)
 
@@ -702,6 +764,9 @@ class PSD(_CoreOptimizer):
 
     def _core_step(self, grads: list[Any], variables: list[Any], lr: Any) -> None:
         c = self._config
+        host = _scalars_on_host(grads)
+        if host:
+            lr = lr.detach().numpy()
         cfg = psd_config(
             lambda _count: lr,
             c.epsilon,
@@ -714,10 +779,12 @@ class PSD(_CoreOptimizer):
             noise=c.noise,
             step_on_perturb=c.step_on_perturb,
         )
-        state = PSDState(**self._read_scalars())
+        state = PSDState(**self._read_scalars(host))
         g2 = _sq_norm(grads)
         finite = _all_finite(grads, g2)
-        dim = tree_size(grads)
+        if host:
+            g2, finite = g2.numpy(), finite.numpy()
+        dim = self._tree_size(grads, variables)
         ball = c.noise == "ball"
 
         def coefficients(nsq: Any, uniform: Any) -> tuple[Any, PSDState]:
@@ -733,10 +800,15 @@ class PSD(_CoreOptimizer):
 
         def noise_updates(normals: list[Any], uniform: Any) -> list[Any]:
             nsq = tree_sq_norm(normals) if ball else None
+            if host:  # the draws' statistics to the host, the coefficients back to torch
+                from psd_torch._common import scalars_on_host, scalars_to_torch
+
+                co = coefficients(scalars_on_host(nsq), scalars_on_host(uniform))[0]
+                return core.psd_updates(scalars_to_torch(co), None, normals)
             return core.psd_updates(coefficients(nsq, uniform)[0], None, normals)
 
         self._perturb_if(probe.perturb, variables, [], noise_updates, ball)
-        self._write_scalars(new_state._asdict())
+        self._write_scalars(new_state._asdict(), host)
 
     @property
     def psd_state(self) -> PSDState:

@@ -187,7 +187,7 @@ def sq_norms(
     red = acc_dtype(dt)
     big = sum(t.numel() for t in tensors) >= _DOT_MIN_NUMEL * len(tensors)
     if big and red == dt and dt.is_floating_point and all(t.is_contiguous() for t in tensors):
-        sq = [torch.dot(t.view(-1), t.view(-1)) for t in tensors]
+        sq = [torch.dot(f, f) for f in (t if t.dim() == 1 else t.view(-1) for t in tensors)]
         return torch.stack(sq).to(device=device, dtype=dtype)
     if foreach:
         norms = torch._foreach_norm(tensors, 2, dtype=red if red != dt else None)

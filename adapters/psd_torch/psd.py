@@ -336,12 +336,13 @@ class PSD(GeneratorStateMixin, torch.optim.Optimizer):
         params, grads, group_index = [], [], []
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
-                if p.grad is None:
+                g = p.grad  # (a property: read once)
+                if g is None:
                     continue
-                if p.grad.is_sparse:
+                if g.is_sparse:
                     raise RuntimeError("PSD does not support sparse gradients")
                 params.append(real_view(p))  # complex: the real (..., 2) view (C9)
-                grads.append(real_view(p.grad))
+                grads.append(real_view(g))
                 group_index.append(gi)
         return params, grads, group_index
 
