@@ -72,6 +72,7 @@ once per call: the core's scalar layer asks for it dozens of times per step, and
 ``array_namespace`` costs microseconds each time."""
 
 _PY_SCALARS = (bool, int, float, complex)
+_NOT_LEAVES = (list, tuple, *_PY_SCALARS)
 
 
 def _leaf_namespace(leaf: Array) -> Any:
@@ -112,6 +113,10 @@ def namespace(*trees: Array) -> Any:
     Python scalars among the leaves are ignored, as ``array_namespace`` ignores them;
     leaves of different libraries raise its ``TypeError`` (unless a hook claims one).
     """
+    if len(trees) == 1:  # the common call: one bare array (the scalar layer's 0-d values)
+        t = trees[0]
+        if t is not None and not isinstance(t, _NOT_LEAVES):
+            return _leaf_namespace(t)
     leaves: list[Array] = []
     for t in trees:
         if isinstance(t, list | tuple):
