@@ -5,8 +5,9 @@ Issue 16 asks for SAM_SPS <= 4.5x SGD at 10M float32 parameters by fusing passes
 each reads and writes each parameter byte once. The step is made of four passes (the
 gradient's squared norm; stash ``x`` and move to ``e``; ``||g_e||^2`` and
 ``<g_e, e - x>``; restore and descend), each built from stock ATen kernels. This script
-times each pass as the optimizer runs it (the same helpers), interleaved with SGD's step
-in one loop, and then the same passes with the parameters cut into smaller chunks
+times each pass, interleaved with SGD's step: passes 1 and 3 through the optimizer's own
+helpers (``global_sq_norm``, ``sq_norm_and_dot``), passes 2 and 4 as the same stock
+kernels it launches (a foreach copy and add; ``torch.addcmul(out=)``), and then the same passes with the parameters cut into smaller chunks
 (``--chunks``): a chunk small enough to stay in the L2 cache between two kernels is the
 only way stock kernels could share a read, and the sweep shows what each kernel launch
 costs at that size.
