@@ -34,6 +34,7 @@ __all__ = [
     "saturating_increment",
     "tree_acc_dtype",
     "namespace",
+    "number_like",
     "register_namespace_hook",
     "tree_all_finite",
     "tree_dot",
@@ -286,6 +287,18 @@ def as_scalar(value: Any, like: Array, dtype: Any = None) -> Array:
         else:
             return xp.astype(value, dtype) if value.dtype != dtype else value
     return xp.asarray(value, dtype=dtype, device=scalar_device(like))
+
+
+def number_like(xp: Any, value: Any, like: Array, dev: Any) -> Array:
+    """``value`` as a 0-d array of ``like``'s dtype on ``dev``, with the namespace and the
+    device already known (the scalar layer looks them up once per call).
+
+    A Python ``int`` or ``float`` goes straight to ``xp.asarray``; anything else (an
+    array, a NumPy scalar from a schedule) through :func:`as_scalar`.
+    """
+    if type(value) in (int, float):
+        return xp.asarray(value, dtype=like.dtype, device=dev)
+    return as_scalar(value, like)
 
 
 def coefficient_for(c: Any, leaf: Array) -> Array:

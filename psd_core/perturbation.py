@@ -60,7 +60,9 @@ from ._array import (
     int_constant,
     is_complex,
     namespace,
+    number_like,
     saturating_increment,
+    scalar_device,
     tree_acc_dtype,
     tree_all_finite,
     tree_select,
@@ -254,11 +256,35 @@ def psd_init(
     )
 
 
-def _t_thres(t_thres: int, like: Array) -> Array:
-    """``t_thres`` as a counter constant, at most ``max - 1`` so that ``since > t`` can hold."""
-    xp = namespace(like)
-    top = _int_range(xp, like.dtype)[1] - 1
-    return xp.minimum(int_constant(t_thres, like), int_constant(top, like))
+def _counter_const(xp: Any, value: Any, like: Array, *, below_max: bool = False) -> Any:
+    """A counter hyperparameter next to the counter ``like``, clamped to its dtype's range.
+
+    A static Python int stays a Python int (clamped here, once), so that comparisons and
+    sums with the counter need no 0-d array of their own: on eager torch or NumPy each
+    such array costs a dispatch. An array (a traced budget, e.g. under
+    ``optax.inject_hyperparams``) goes through :func:`int_constant` and stays traceable.
+    ``below_max``: at most ``max - 1`` (so that ``since > t`` can hold, see ``t_thres``).
+    """
+    lo, hi = _int_range(xp, like.dtype)
+    if below_max:
+        hi -= 1
+    if not hasattr(value, "dtype") or isinstance(value, (bool, int)):
+        return max(min(int(value), hi), lo)
+    c = int_constant(value, like)
+    return xp.minimum(c, int_constant(hi, like)) if below_max else c
+
+
+def _counter_array(xp: Any, value: Any, like: Array, dev: Any) -> Array:
+    """:func:`_counter_const` as an array of ``like``'s dtype (for ``where`` branches)."""
+    if hasattr(value, "dtype") and not isinstance(value, (bool, int)):
+        return value
+    return xp.asarray(value, dtype=like.dtype, device=dev)
+
+
+def _increment(xp: Any, counter: Array) -> Array:
+    """:func:`~psd_core._array.saturating_increment` with the namespace given and the
+    dtype's maximum as a Python int."""
+    return xp.where(counter < _int_range(xp, counter.dtype)[1], counter + 1, counter)
 
 
 class PSDGate(NamedTuple):
@@ -286,14 +312,29 @@ def psd_gate(
     overflows would be skipped; with it such a step is taken (its gate is closed).
     """
     xp = namespace(grad_sq_norm)
-    g2 = grad_sq_norm
+    dev = scalar_device(grad_sq_norm)
+    t_thr = _counter_const(xp, config.t_thres, state.since_perturb, below_max=True)
+    return _gate(xp, dev, grad_sq_norm, state, config, finite, t_thr)
+
+
+def _gate(
+    xp: Any,
+    dev: Any,
+    g2: Array,
+    state: PSDState,
+    config: PSDConfig,
+    finite: Array | None,
+    t_thr: Any,
+) -> PSDGate:
+    """:func:`psd_gate` with its namespace, scalar device and ``t_thres`` constant
+    given (:func:`psd_coefficients` shares them with the state update)."""
     if finite is None:
         finite = xp.isfinite(g2)
     g2 = xp.where(finite, g2, xp.zeros_like(g2))
     ema_dt = state.grad_sq_ema.dtype
     g2e = xp.astype(g2, ema_dt) if g2.dtype != ema_dt else g2
     # an overflowed square (finite gradient) enters the EMA as the largest finite value
-    g2e = xp.minimum(g2e, as_scalar(xp.finfo(ema_dt).max, g2e))
+    g2e = xp.minimum(g2e, number_like(xp, float(xp.finfo(ema_dt).max), g2e, dev))
     beta = config.ema_beta
     # the first finite step initializes the EMA (count counts every call, see PSDState)
     ema_new = xp.where(
@@ -301,13 +342,14 @@ def psd_gate(
     )
     ema_new = xp.where(finite, ema_new, state.grad_sq_ema)
     stat_sq = g2 if config.gate == "grad_norm" else xp.astype(ema_new, g2.dtype)
-    small = xp.sqrt(stat_sq) <= as_scalar(config.epsilon, g2)
+    small = xp.sqrt(stat_sq) <= number_like(xp, config.epsilon, g2, dev)
+    budget = _counter_const(xp, config.max_episodes, state.episodes)
     open_ = (
         finite
         & (state.episode_left <= 0)
         & small
-        & (state.since_perturb > _t_thres(config.t_thres, state.since_perturb))
-        & (state.episodes < int_constant(config.max_episodes, state.episodes))
+        & (state.since_perturb > t_thr)
+        & (state.episodes < budget)
     )
     return PSDGate(finite=finite, open=open_, grad_sq_ema=ema_new)
 
@@ -355,12 +397,15 @@ def psd_coefficients(
         The :class:`PSDCoefficients` and the new state.
     """
     xp = namespace(grad_sq_norm)
-    gate = psd_gate(grad_sq_norm, state, config, finite=finite)
+    dev = scalar_device(grad_sq_norm)
+    since = state.since_perturb
+    t_thr = _counter_const(xp, config.t_thres, since, below_max=True)
+    gate = _gate(xp, dev, grad_sq_norm, state, config, finite, t_thr)
     perturb = gate.open if saddle is None else (gate.open & saddle)
     lr = config.learning_rate if learning_rate is None else learning_rate
     if callable(lr):
         lr = lr(state.count)
-    neg_lr = -as_scalar(lr, grad_sq_norm)
+    neg_lr = -number_like(xp, lr, grad_sq_norm, dev)
     zero = xp.zeros_like(grad_sq_norm)
     if config.step_on_perturb:
         grad_coef = xp.where(gate.finite, neg_lr, zero)
@@ -371,31 +416,26 @@ def psd_coefficients(
             raise ValueError("psd_coefficients: noise='ball' needs noise_sq_norm and uniform")
         scale = ball_scale(as_scalar(noise_sq_norm, grad_sq_norm), uniform, config.radius, dim)
     else:
-        scale = as_scalar(config.radius, grad_sq_norm)
+        scale = number_like(xp, config.radius, grad_sq_norm, dev)
     noise_coef = xp.where(perturb, scale, zero)
 
-    one = xp.ones_like(state.count)
-    cap = _t_thres(config.t_thres, state.since_perturb) + xp.ones_like(state.since_perturb)
     fin = gate.finite
+    left = state.episode_left
     new_state = PSDState(
-        count=saturating_increment(state.count),
+        count=_increment(xp, state.count),
+        # counts up to t_thres + 1 ("more than t_thres steps ago") and stays there; the
+        # test comes before the sum, so a t_thres clamped to max - 1 cannot wrap
         since_perturb=xp.where(
-            perturb,
-            xp.ones_like(state.since_perturb),
-            xp.where(fin, xp.minimum(state.since_perturb + one, cap), state.since_perturb),
+            perturb, xp.ones_like(since), xp.where(fin & (since <= t_thr), since + 1, since)
         ),
         episode_left=xp.where(
             perturb,
-            int_constant(config.episode_length, state.episode_left),
-            xp.where(
-                fin,
-                xp.maximum(state.episode_left - one, xp.zeros_like(state.episode_left)),
-                state.episode_left,
-            ),
+            _counter_array(xp, _counter_const(xp, config.episode_length, left), left, dev),
+            xp.where(fin, xp.maximum(left - 1, xp.zeros_like(left)), left),
         ),
-        episodes=xp.where(perturb, saturating_increment(state.episodes), state.episodes),
+        episodes=xp.where(perturb, _increment(xp, state.episodes), state.episodes),
         grad_sq_ema=gate.grad_sq_ema,
-        skipped=xp.where(fin, state.skipped, saturating_increment(state.skipped)),
+        skipped=xp.where(fin, state.skipped, _increment(xp, state.skipped)),
         perturbed=xp.where(fin, perturb, state.perturbed),
     )
     return PSDCoefficients(grad=grad_coef, noise=noise_coef, finite=fin, perturb=perturb), new_state

@@ -22,7 +22,17 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, device
 
-from ._array import Array, Tree, as_scalar, namespace, real_dtype, tree_size, tree_sq_norm
+from ._array import (
+    Array,
+    Tree,
+    as_scalar,
+    namespace,
+    number_like,
+    real_dtype,
+    scalar_device,
+    tree_size,
+    tree_sq_norm,
+)
 
 __all__ = ["HostDraws", "ball_scale", "uniform_ball"]
 
@@ -33,9 +43,10 @@ def ball_scale(noise_sq_norm: Array, uniform: Array, radius: Any, dim: int) -> A
     r"""Scale :math:`s` such that :math:`s\,z \sim \mathrm{Uniform}(B_d(0, r))`:
     :math:`s = r\,u^{1/d}/\|z\|` (0-d array; safe when :math:`\|z\| = 0`)."""
     xp = namespace(noise_sq_norm)
-    norm = xp.sqrt(xp.maximum(noise_sq_norm, as_scalar(_TINY, noise_sq_norm)))
+    dev = scalar_device(noise_sq_norm)
+    norm = xp.sqrt(xp.maximum(noise_sq_norm, number_like(xp, _TINY, noise_sq_norm, dev)))
     u = as_scalar(uniform, noise_sq_norm)
-    return as_scalar(radius, noise_sq_norm) * u ** (1.0 / dim) / norm
+    return number_like(xp, radius, noise_sq_norm, dev) * u ** (1.0 / dim) / norm
 
 
 def uniform_ball(normals: Tree, uniform: Array, radius: Any) -> list[Array]:

@@ -105,6 +105,32 @@ def test_array_budgets_clamp_like_python_ints(backend: str) -> None:
     assert int(state_a.since_perturb) == int(state.since_perturb) == 4
 
 
+@pytest.mark.parametrize("backend", backend_params())
+def test_huge_t_thres_gate_stays_open_until_the_first_perturbation(backend: str) -> None:
+    """``t_thres`` beyond the counter range is clamped to ``max - 1``; ``since_perturb``
+    starts at ``max`` ("more than t_thres steps ago"). A quiet step (gradient above
+    epsilon) must leave it there. Before round 10 it computed ``since + 1`` first, which
+    wrapped to the dtype's minimum and closed the gate for good: the first small
+    gradient after any large one never perturbed."""
+    tx = psd_core.psd(0.1, 1.0, 0.1, 0, t_thres=2**70)
+    x = [convert(np.zeros(4), backend)]
+    z = [convert(np.ones(4), backend)]
+    u = convert(np.asarray(0.5), backend)
+    state = tx.init(x)
+    top = int(state.since_perturb)
+    big = [convert(np.full(4, 10.0), backend)]
+    for _ in range(2):
+        _, state = tx.update(big, state, x, normals=z, uniform=u)
+        assert int(state.since_perturb) == top and not bool(state.perturbed)
+    small = [convert(np.full(4, 1e-3), backend)]
+    _, state = tx.update(small, state, x, normals=z, uniform=u)
+    assert bool(state.perturbed) and int(state.episodes) == 1
+    assert int(state.since_perturb) == 1
+    for _ in range(3):  # and now it never perturbs again
+        _, state = tx.update(small, state, x, normals=z, uniform=u)
+        assert not bool(state.perturbed) and int(state.since_perturb) >= 2
+
+
 def test_jax_without_x64_saturates_and_clamps() -> None:
     """JAX without x64 (a fresh process: tests/conftest.py enables x64 here)."""
     pytest.importorskip("jax")
