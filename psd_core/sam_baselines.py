@@ -150,7 +150,8 @@ def adasam_update(
     m = b1_ * state.m + (1.0 - b1_) * ga
     v = b2_ * state.v + (1.0 - b2_) * (ga * ga)
     v_hat = xp.maximum(state.v_hat, v)
-    upd = -as_scalar(lr, ga) * m / xp.sqrt(v_hat)
+    # divide first: -lr * m underflows to a subnormal for a tiny m (float32 g = 1.2e-38)
+    upd = -as_scalar(lr, ga) * (m / xp.sqrt(v_hat))
     return _acc(xp, upd, g.dtype), AdaSAMState(m=m, v=v, v_hat=v_hat)
 
 
@@ -203,12 +204,12 @@ def lightsam_perturbation(
         offset = (rho_ / xp.sqrt(u)) * s
     elif variant == "II":
         u = state.u + s * s
-        offset = rho_ * s / xp.sqrt(u)
+        offset = rho_ * (s / xp.sqrt(u))
     else:
         b1_, b2_ = as_scalar(b1, s), as_scalar(b2, s)
         r = b1_ * state.r + (1.0 - b1_) * s
         u = b2_ * state.u + (1.0 - b2_) * (s * s)
-        offset = rho_ * r / xp.sqrt(u)
+        offset = rho_ * (r / xp.sqrt(u))
     return _acc(xp, offset, out), state._replace(r=r, u=u)
 
 
@@ -232,12 +233,12 @@ def lightsam_update(
         upd = -(lr_ / xp.sqrt(v)) * g
     elif variant == "II":
         v = state.v + g * g
-        upd = -lr_ * g / xp.sqrt(v)
+        upd = -lr_ * (g / xp.sqrt(v))
     else:
         b1_, b2_ = as_scalar(b1, g), as_scalar(b2, g)
         m = b1_ * state.m + (1.0 - b1_) * g
         v = b2_ * state.v + (1.0 - b2_) * (g * g)
-        upd = -lr_ * m / xp.sqrt(v)
+        upd = -lr_ * (m / xp.sqrt(v))
     return _acc(xp, upd, out), state._replace(m=m, v=v)
 
 
