@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ from . import _dtensor as _dt  # [dtensor hook]
 __all__ = [
     "GeneratorStateMixin",
     "acc_dtype",
+    "all_contiguous",
     "Group",
     "NoiseFn",
     "CHUNK_NUMEL",
@@ -48,12 +50,16 @@ __all__ = [
     "foreach_add_",
     "global_sq_norm",
     "group_by_device_dtype",
+    "homogeneous",
     "host_floats",
+    "host_view_of",
     "torch_dtype_of",
     "host_values",
     "on_host",
     "scalars_on_host",
     "scalars_to_torch",
+    "scalars_to_torch_cached",
+    "total_numel",
     "make_generator",
     "GENERATOR_KEY",
     "check_lr",
@@ -96,6 +102,39 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return accumulation_dtype(xp, dtype)
 
 
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+
+
+def homogeneous(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the (non-empty) ``tensors`` share one ``(device, dtype)``.
+
+    Eager: two C-level ``map`` calls into sets (about 0.1 us per tensor, against about
+    0.5 us for a generator expression). Under ``torch.compile``: a plain loop, because
+    Dynamo cannot trace ``operator.attrgetter`` (it broke the graph there and the
+    compiled optimizer recompiled on every step).
+    """
+    if torch.compiler.is_compiling():
+        dev, dt = tensors[0].device, tensors[0].dtype
+        return all(t.dtype == dt for t in tensors) and all(t.device == dev for t in tensors)
+    return len(set(map(_DTYPE, tensors))) == 1 and len(set(map(_DEVICE, tensors))) == 1
+
+
+def total_numel(tensors: Sequence[torch.Tensor]) -> int:
+    """The number of elements of all ``tensors`` (C-level ``map`` when eager, see
+    :func:`homogeneous`)."""
+    if torch.compiler.is_compiling():
+        return sum(int(t.numel()) for t in tensors)
+    return sum(map(torch.Tensor.numel, tensors))
+
+
+def all_contiguous(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every tensor is contiguous (C-level ``map`` when eager)."""
+    if torch.compiler.is_compiling():
+        return all(t.is_contiguous() for t in tensors)
+    return all(map(torch.Tensor.is_contiguous, tensors))
+
+
 def group_by_device_dtype(*lists: Sequence[torch.Tensor]) -> list[Group]:
     """Split parallel tensor lists into groups keyed by the first list's ``(device, dtype)``.
 
@@ -103,10 +142,8 @@ def group_by_device_dtype(*lists: Sequence[torch.Tensor]) -> list[Group]:
     of their first member, so iteration order is deterministic (draws depend on it).
     """
     first = lists[0]
-    if first:
-        dev, dt = first[0].device, first[0].dtype
-        if all(t.dtype == dt for t in first) and all(t.device == dev for t in first):
-            return [tuple(list(items) for items in lists)]  # the usual case: one group
+    if first and homogeneous(first):
+        return [tuple(list(items) for items in lists)]  # the usual case: one group
     out: dict[tuple[torch.device, torch.dtype], Group] = {}
     for items in zip(*lists):
         key = (items[0].device, items[0].dtype)
@@ -185,8 +222,8 @@ def sq_norms(
         return _dt.sq_norms(tensors, foreach=foreach, device=device, dtype=dtype)
     dt = tensors[0].dtype
     red = acc_dtype(dt)
-    big = sum(t.numel() for t in tensors) >= _DOT_MIN_NUMEL * len(tensors)
-    if big and red == dt and dt.is_floating_point and all(t.is_contiguous() for t in tensors):
+    big = total_numel(tensors) >= _DOT_MIN_NUMEL * len(tensors)
+    if big and red == dt and dt.is_floating_point and all_contiguous(tensors):
         sq = [torch.dot(f, f) for f in (t if t.dim() == 1 else t.view(-1) for t in tensors)]
         return torch.stack(sq).to(device=device, dtype=dtype)
     if foreach:
@@ -309,7 +346,7 @@ def on_host(*tensors: Any) -> bool:
     if torch.compiler.is_compiling():
         return False
     for t in tensors:
-        if isinstance(t, torch.Tensor) and (type(t) is not torch.Tensor or t.device.type != "cpu"):
+        if isinstance(t, torch.Tensor) and (type(t) is not torch.Tensor or not t.is_cpu):
             return False
     return True
 
@@ -338,6 +375,27 @@ def scalars_to_torch(values: Any) -> Any:
     if isinstance(values, np.ndarray | np.generic):
         return torch.from_numpy(np.asarray(values))
     return values
+
+
+def scalars_to_torch_cached(values: Any) -> tuple[Any, Any]:
+    """:func:`scalars_to_torch` of a NamedTuple of NumPy scalars, with the 0-d arrays the
+    new tensors view: ``(tensors, arrays)``. Keep both and hand them to
+    :func:`host_view_of` on the next step, which then returns ``arrays`` without
+    building new views."""
+    arrays = type(values)(*[np.asarray(v) for v in values])
+    return type(values)(*[torch.from_numpy(a) for a in arrays]), arrays
+
+
+def host_view_of(state: Any, cache: tuple[Any, Any] | None) -> Any:
+    """:func:`scalars_on_host` of a NamedTuple of CPU tensors, reusing ``cache`` (from
+    :func:`scalars_to_torch_cached`) when it holds views of these very tensor objects
+    (the usual step: the optimizer wrote them on the previous step). A state loaded
+    or replaced since then holds other objects and gets new views."""
+    if cache is not None:
+        tensors, arrays = cache
+        if len(tensors) == len(state) and all(map(operator.is_, tensors, state)):
+            return arrays
+    return scalars_on_host(state)
 
 
 def torch_dtype_of(value: Any) -> torch.dtype:

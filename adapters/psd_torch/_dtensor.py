@@ -54,7 +54,12 @@ def is_dtensor(t: Any) -> bool:
 
 def any_dtensor(tensors: Sequence[Any]) -> bool:
     """Whether any tensor of ``tensors`` is a DTensor (cheap: stops at the first)."""
-    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+    if DTensor is None:
+        return False
+    if torch.compiler.is_compiling():
+        return any(isinstance(t, DTensor) for t in tensors)
+    # eager: the distinct types first (a C-level map; usually one or two types)
+    return any(issubclass(c, DTensor) for c in set(map(type, tensors)))
 
 
 def _sum_dims(t: Any) -> tuple[Any, tuple[int, ...]]:
