@@ -34,7 +34,6 @@ __all__ = [
     "saturating_increment",
     "tree_acc_dtype",
     "namespace",
-    "number_like",
     "register_namespace_hook",
     "tree_all_finite",
     "tree_dot",
@@ -249,8 +248,8 @@ def _int_range(xp: Any, dtype: Any) -> tuple[int, int]:
 def saturating_increment(counter: Array) -> Array:
     """``counter + 1`` that stops at the dtype's maximum instead of wrapping."""
     xp = namespace(counter)
-    top = int_constant(_int_range(xp, counter.dtype)[1], counter)
-    return xp.where(counter < top, counter + xp.ones_like(counter), counter)
+    # the maximum as a Python int: compared without a 0-d array of its own
+    return xp.where(counter < _int_range(xp, counter.dtype)[1], counter + 1, counter)
 
 
 def scalar_device(like: Array) -> Any:

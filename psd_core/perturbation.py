@@ -274,19 +274,6 @@ def _counter_const(xp: Any, value: Any, like: Array, *, below_max: bool = False)
     return xp.minimum(c, int_constant(hi, like)) if below_max else c
 
 
-def _counter_array(xp: Any, value: Any, like: Array, dev: Any) -> Array:
-    """:func:`_counter_const` as an array of ``like``'s dtype (for ``where`` branches)."""
-    if hasattr(value, "dtype") and not isinstance(value, (bool, int)):
-        return value
-    return xp.asarray(value, dtype=like.dtype, device=dev)
-
-
-def _increment(xp: Any, counter: Array) -> Array:
-    """:func:`~psd_core._array.saturating_increment` with the namespace given and the
-    dtype's maximum as a Python int."""
-    return xp.where(counter < _int_range(xp, counter.dtype)[1], counter + 1, counter)
-
-
 class PSDGate(NamedTuple):
     finite: Array
     """The gradient norm is finite (else the step is skipped)."""
@@ -334,7 +321,7 @@ def _gate(
     ema_dt = state.grad_sq_ema.dtype
     g2e = xp.astype(g2, ema_dt) if g2.dtype != ema_dt else g2
     # an overflowed square (finite gradient) enters the EMA as the largest finite value
-    g2e = xp.minimum(g2e, number_like(xp, float(xp.finfo(ema_dt).max), g2e, dev))
+    g2e = xp.minimum(g2e, number_like(xp, xp.finfo(ema_dt).max, g2e, dev))
     beta = config.ema_beta
     # the first finite step initializes the EMA (count counts every call, see PSDState)
     ema_new = xp.where(
@@ -422,7 +409,7 @@ def psd_coefficients(
     fin = gate.finite
     left = state.episode_left
     new_state = PSDState(
-        count=_increment(xp, state.count),
+        count=saturating_increment(state.count),
         # counts up to t_thres + 1 ("more than t_thres steps ago") and stays there; the
         # test comes before the sum, so a t_thres clamped to max - 1 cannot wrap
         since_perturb=xp.where(
@@ -430,12 +417,12 @@ def psd_coefficients(
         ),
         episode_left=xp.where(
             perturb,
-            _counter_array(xp, _counter_const(xp, config.episode_length, left), left, dev),
+            int_constant(config.episode_length, left),
             xp.where(fin, xp.maximum(left - 1, xp.zeros_like(left)), left),
         ),
-        episodes=xp.where(perturb, _increment(xp, state.episodes), state.episodes),
+        episodes=xp.where(perturb, saturating_increment(state.episodes), state.episodes),
         grad_sq_ema=gate.grad_sq_ema,
-        skipped=xp.where(fin, state.skipped, _increment(xp, state.skipped)),
+        skipped=xp.where(fin, state.skipped, saturating_increment(state.skipped)),
         perturbed=xp.where(fin, perturb, state.perturbed),
     )
     return PSDCoefficients(grad=grad_coef, noise=noise_coef, finite=fin, perturb=perturb), new_state
